@@ -155,9 +155,9 @@ def _known_fields(cls: type, d: dict[str, Any]) -> dict[str, Any]:
 
 
 OFFICIAL = MusiqConfig()
-"""The published configuration: 27,111,489 parameters with a one-output head."""
+"""The published configuration: 27,125,825 parameters (the paper's 27.1 M) with a one-output head."""
 
-OFFICIAL_PARAMETER_COUNT = 27_111_489
+OFFICIAL_PARAMETER_COUNT = 27_125_825
 
 SMALL = MusiqConfig(hidden_size=192, num_layers=6, num_heads=3, mlp_dim=576)
 """A CPU-trainable model with the official packing and patch encoder."""
