@@ -195,3 +195,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+EMBEDDED_DEFAULT = Path(__file__).parent / "weights" / "default.safetensors"
+
+
+def default_checkpoint_path() -> Path | None:
+    """The model shipped inside the package, if this build carries one."""
+    return EMBEDDED_DEFAULT if EMBEDDED_DEFAULT.is_file() else None

@@ -1,0 +1,1 @@
+"""Independent ground-truth implementations used by the tests (no imports from `model`)."""
