@@ -101,8 +101,9 @@ class _Mapper:
         self.out[target] = value
         self.report.mapped.append((target, name, tuple(self.src.tensors[name].shape)))
 
-    def check(self, config: MusiqConfig) -> None:
-        for k, shape in expected_shapes(config).items():
+    def check(self, config: MusiqConfig | None) -> None:
+        """Reports misshapen or missing targets (when the config is known) and unused sources."""
+        for k, shape in expected_shapes(config).items() if config else ():
             if k in self.out and self.out[k].shape != shape:
                 src = next((s for t, s, _ in self.report.mapped if t == k), "?")
                 self.report.problems.append(
@@ -327,14 +328,16 @@ def convert_official(
         num_scales=params[scl].shape[1] if scl else 3,
         num_outputs=params["head/kernel"].shape[-1] if has("head/kernel") else 1,
     )
-    if config is not None:
-        m.check(config)
-    if problems or config is None:
+    m.check(config)
+    if problems:
         raise ConversionError("official checkpoint", problems)
+    assert config is not None
     return config, m.out, report
 
 
 def _build_config(problems: list[str], overrides: Overrides, **f: Any) -> MusiqConfig | None:
+    """The config implied by the shapes, or None (with the reasons added to `problems`)."""
+    known = len(problems)
     grid = math.isqrt(f["grid_rows"])
     if grid * grid != f["grid_rows"]:
         problems.append(f"spatial embedding has {f['grid_rows']} rows, not a square grid")
@@ -347,7 +350,7 @@ def _build_config(problems: list[str], overrides: Overrides, **f: Any) -> MusiqC
         problems.append(f"hidden size {f['hidden']} is not divisible by {f['heads']} heads")
     head = _infer_head(f["num_outputs"], overrides.head)
     sides = _longer_sides(f["num_scales"], overrides.longer_sides, problems)
-    if problems:
+    if len(problems) > known:
         return None
     try:
         return MusiqConfig(
@@ -387,18 +390,17 @@ _PYIQA_RULES: list[tuple[str, str]] = [
 
 
 def unwrap_state_dict(obj: Any) -> dict[str, np.ndarray]:
-    """A plain name -> array dict from what torch.load returned (wrappers, 'module.' prefixes)."""
+    """A plain name -> array dict from what torch.load returned (unwrapping {'params': ...} etc.)."""
     for key in ("params", "params_ema", "state_dict", "model", "net"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
             break
     if not isinstance(obj, Mapping):
         raise ConversionError("PyTorch checkpoint", [f"expected a state dict, found {type(obj).__name__}"])
-    out = {}
-    for k, v in obj.items():
-        name = k[len("module.") :] if k.startswith("module.") else k
-        out[name] = v.detach().cpu().float().numpy() if hasattr(v, "detach") else np.asarray(v, np.float32)
-    return out
+    return {
+        k: v.detach().cpu().float().numpy() if hasattr(v, "detach") else np.asarray(v, np.float32)
+        for k, v in obj.items()
+    }
 
 
 def convert_pyiqa(
@@ -411,9 +413,10 @@ def convert_pyiqa(
     m = _Mapper(src, report)
     targets: dict[str, str] = {}
     for name in sorted(tensors):
+        bare = re.sub(r"^(module\.)+", "", name)  # DataParallel / DDP wrappers
         for pattern, repl in _PYIQA_RULES:
-            if re.fullmatch(pattern, name):
-                target = re.sub(pattern, repl, name)
+            if re.fullmatch(pattern, bare):
+                target = re.sub(pattern, repl, bare)
                 if target in targets:
                     problems.append(f"{name} and {targets[target]} both map to {target}")
                 targets[target] = name
@@ -450,10 +453,10 @@ def convert_pyiqa(
         num_scales=out["scale_embedding"].shape[0] if "scale_embedding" in out else 3,
         num_outputs=out["head.weight"].shape[0] if "head.weight" in out else 1,
     )
-    if config is not None:
-        m.check(config)
-    if problems or config is None:
+    m.check(config)
+    if problems:
         raise ConversionError("PyTorch checkpoint", problems)
+    assert config is not None
     return config, m.out, report
 
 
