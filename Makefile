@@ -3,8 +3,11 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# TensorFlow lives in a venv of its own (no torch beside it), used only to check parity.
+PARITY_VENV ?= .venv-parity
+PARITY_STAMP := $(PARITY_VENV)/.installed
 
-.PHONY: install test test-fast lint format bench clean
+.PHONY: install install-parity test test-fast parity lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,14 +17,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[train,export,dev]'
 	touch $(STAMP)
 
+$(PARITY_STAMP): pyproject.toml
+	test -x $(PARITY_VENV)/bin/python || $(PYTHON) -m venv $(PARITY_VENV)
+	$(PARITY_VENV)/bin/pip install --quiet --upgrade pip
+	$(PARITY_VENV)/bin/pip install --quiet -e '.[parity]'
+	touch $(PARITY_STAMP)
+
 install: $(STAMP)
+
+install-parity: $(PARITY_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+test: lint parity
 	$(BIN)/python -m pytest
+
+# The packing against TensorFlow's own resize / patch / decode ops.
+parity: $(PARITY_STAMP)
+	TF_CPP_MIN_LOG_LEVEL=3 $(PARITY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_tensorflow_parity.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -x -q
@@ -34,4 +49,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/pack_speed.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) $(PARITY_VENV) .pytest_cache .hypothesis .ruff_cache

@@ -59,7 +59,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     config = PackingConfig(args.patch_size, args.grid_size, tuple(args.longer_sides), args.max_native_tokens)
-    packed = pack(decode_image(args.image), config)
+    try:
+        packed = pack(decode_image(args.image), config)
+    except ImageDecodeError as exc:
+        raise ImageDecodeError(f"{args.image}: {exc}", reason=exc.reason) from exc
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(

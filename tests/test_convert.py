@@ -52,7 +52,12 @@ def test_official_npz_converts_to_the_official_math(tmp_path: Path, encoder: str
     checkpoint, report = convert_file("official", src)
     cfg = checkpoint.config
     assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.mlp_dim) == (64, 2, 4, 96)
-    assert (cfg.patch_encoder, cfg.num_outputs, cfg.patch_size, cfg.grid_size) == (encoder, num_classes, 32, 10)
+    assert (cfg.patch_encoder, cfg.num_outputs, cfg.patch_size, cfg.grid_size) == (
+        encoder,
+        num_classes,
+        32,
+        10,
+    )
     assert cfg.head == ("score" if num_classes == 1 else "distribution")
     assert "opt/state/step" in report.ignored
     model = build_model(load_checkpoint(save_checkpoint(checkpoint, tmp_path / "out.safetensors")))
@@ -112,7 +117,9 @@ def test_structure_matching_tolerates_other_names() -> None:
     params = make_official_params(8, **SMALL)
     entries = official_npz_entries(params, prefix="checkpoint/params/", attention_name="SelfAttention_1")
     # LayerNorm / MLP modules renamed too: found by what they contain, ordered by suffix
-    entries = {k.replace("LayerNorm_0", "LN_0").replace("MlpBlock_3", "FeedForward_3"): v for k, v in entries.items()}
+    entries = {
+        k.replace("LayerNorm_0", "LN_0").replace("MlpBlock_3", "FeedForward_3"): v for k, v in entries.items()
+    }
     config, weights, _ = convert_official(entries)
     assert config.num_heads == 4 and len(weights) == len(convert_official(official_npz_entries(params))[1])
 
@@ -153,8 +160,14 @@ def test_not_a_musiq_file(tmp_path: Path) -> None:
 def test_checkpoint_round_trip_keeps_card_and_weights(tmp_path: Path) -> None:
     model = build_model(
         Checkpoint(
-            MusiqConfig(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=48, head="distribution", num_outputs=10),
-            convert_official(official_npz_entries(make_official_params(11, hidden=32, layers=1, heads=2, mlp=48, num_classes=10)))[1],
+            MusiqConfig(
+                hidden_size=32, num_layers=1, num_heads=2, mlp_dim=48, head="distribution", num_outputs=10
+            ),
+            convert_official(
+                official_npz_entries(
+                    make_official_params(11, hidden=32, layers=1, heads=2, mlp=48, num_classes=10)
+                )
+            )[1],
         )
     )
     ck = to_checkpoint(model, name="ava", version="3", source="test")
@@ -180,5 +193,5 @@ def test_bad_checkpoint_files_are_reported(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="musiq convert"):
         load_checkpoint(foreign)
     cfg = MusiqConfig(hidden_size=32, num_layers=1, num_heads=2, mlp_dim=48)
-    with pytest.raises(CheckpointError, match="missing head.weight"):
+    with pytest.raises(CheckpointError, match=r"missing head\.weight"):
         save_checkpoint(Checkpoint(cfg, {}), tmp_path / "empty.safetensors")

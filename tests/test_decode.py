@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import simplejpeg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -121,10 +122,26 @@ def test_png_roundtrip_is_bit_exact(arr: np.ndarray) -> None:
     np.testing.assert_array_equal(out, arr)
 
 
-def test_jpeg_matches_plain_pillow_decode() -> None:
-    # No colour management, no smoothing: the pixels are exactly Pillow's (libjpeg-turbo's).
-    data = encode(Image.fromarray(random_rgb(48, 64)), "JPEG", quality=80)
-    np.testing.assert_array_equal(decode_image(data), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+@pytest.mark.parametrize("subsampling", [0, 1, 2])
+def test_jpeg_uses_tensorflows_fast_idct(subsampling: int) -> None:
+    # TensorFlow's decode_jpeg default (fast integer IDCT, fancy upsampling), not Pillow's accurate
+    # IDCT: close to Pillow's pixels but not equal (tests/test_tensorflow_parity.py checks equality
+    # with TensorFlow itself).
+    data = encode(Image.fromarray(random_rgb(48, 64)), "JPEG", quality=80, subsampling=subsampling)
+    ours = decode_image(data).astype(int)
+    pillow = np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(int)
+    fast = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+    np.testing.assert_array_equal(ours, fast)
+    assert ours.shape == pillow.shape and np.abs(ours - pillow).mean() < 2
+    assert (ours != pillow).any()
+
+
+def test_grey_jpeg_through_libjpeg_turbo() -> None:
+    grey = np.tile(np.arange(0, 256, 4, dtype=np.uint8), (16, 1))
+    out = decode_image(encode(Image.fromarray(grey, "L"), "JPEG", quality=95))
+    assert out.shape == (16, 64, 3)
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+    assert np.abs(out[..., 0].astype(int) - grey).max() <= 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -393,6 +410,16 @@ def test_exif_orientation_lossless(fmt: str, orientation: int) -> None:
     np.testing.assert_array_equal(out, expected)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_jpeg_all_eight(orientation: int) -> None:
+    # JPEG pixels come from libjpeg-turbo and are oriented in numpy: same table as the lossless path
+    data = with_orientation(random_rgb(16, 24, seed=orientation), orientation, "JPEG", quality=90)
+    stored = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
+    out = decode_image(data)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, EXPECTED_ORIENTATION[orientation](stored))
+
+
 @pytest.mark.parametrize(
     ("orientation", "shape", "red_corner"),
     [
@@ -433,12 +460,11 @@ def test_corrupt_exif_still_decodes(fmt: str, payload: bytes) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing may escape either
         out = decode_image(data)
-    # Lossy JPEG: the pixels must be exactly what Pillow decodes, orientation untouched.
+    # Lossy JPEG: the pixels must be exactly the plain decode (TensorFlow's fast IDCT), orientation
+    # untouched.
     expected = arr
     if fmt == "JPEG":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # Pillow's own "Corrupt EXIF data"
-            expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        expected = simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False)
     np.testing.assert_array_equal(out, expected)
 
 
