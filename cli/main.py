@@ -1,6 +1,7 @@
 """`musiq` entry point.
 
-Each subcommand lives with the package that owns it (`model.commands` for pack / convert / score)
+Each subcommand lives with the package that owns it (`model.commands`: pack / convert / score;
+`export.commands`: export)
 and is imported only when chosen, so `musiq pack` never loads torch. Expected failures (bad
 input, bad checkpoint) end with one line on stderr and a non-zero exit, never a traceback; set
 MUSIQ_DEBUG=1 to see the traceback of an unexpected error.
@@ -13,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from export import commands as export_commands
 from model import commands as model_commands
 
 
@@ -23,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_commands.register(sub)
+    export_commands.register(sub)
     return parser
 
 

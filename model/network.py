@@ -41,55 +41,72 @@ class StdConv2d(nn.Conv2d):
     std, as `resnet.weight_standardize` does. Patch sizes are static, so the padding is too.
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, eps: float = 1e-5) -> None:
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, size: int | None = None) -> None:
         super().__init__(cin, cout, kernel, stride=stride, bias=False)
-        self.eps = eps
+        self.eps = 1e-5
+        self.folded = False  # True once `weight` holds the standardised kernel (inference only)
+        # With the input size known up front the padding is a constant, so an exported graph
+        # carries fixed Pad nodes instead of shape arithmetic.
+        self.pads = _same_pads(size, size, kernel, stride) if size is not None else None
 
     def standardized_weight(self) -> torch.Tensor:
         w = self.weight
+        if self.folded:
+            return w
         mean = w.mean(dim=(1, 2, 3), keepdim=True)
         std = w.var(dim=(1, 2, 3), keepdim=True, unbiased=False).sqrt()
         return (w - mean) / (std + self.eps)
 
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Stores the standardised kernel in place, so inference and export skip recomputing it."""
+        if not self.folded:
+            self.weight.copy_(self.standardized_weight())
+            self.folded = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k, s = self.kernel_size[0], self.stride[0]
-        top, bottom = same_padding(x.shape[-2], k, s)
-        left, right = same_padding(x.shape[-1], k, s)
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
+        pads = self.pads or _same_pads(x.shape[-2], x.shape[-1], self.kernel_size[0], self.stride[0])
+        if any(pads):
+            x = F.pad(x, pads)
         return F.conv2d(x, self.standardized_weight(), None, self.stride)
+
+
+def _same_pads(h: int, w: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """F.pad order (left, right, top, bottom) of "SAME" padding for an h x w input."""
+    top, bottom = same_padding(h, kernel, stride)
+    left, right = same_padding(w, kernel, stride)
+    return left, right, top, bottom
 
 
 class ResNetRoot(nn.Module):
     """7x7/2 StdConv, GroupNorm(32, eps 1e-6), ReLU, 3x3/2 "SAME" max pool: P x P -> P/4 x P/4."""
 
-    def __init__(self, width: int = RESNET_WIDTH) -> None:
+    def __init__(self, patch_size: int, width: int = RESNET_WIDTH) -> None:
         super().__init__()
-        self.conv = StdConv2d(3, width, 7, stride=2)
+        self.conv = StdConv2d(3, width, 7, stride=2, size=patch_size)
         self.norm = nn.GroupNorm(32, width, eps=1e-6)
+        self.pool_pads = _same_pads(patch_size // 2, patch_size // 2, 3, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.norm(self.conv(x)))
-        top, bottom = same_padding(x.shape[-2], 3, 2)
-        left, right = same_padding(x.shape[-1], 3, 2)
         # Zero padding equals the official -inf padding here: the input is post-ReLU (>= 0).
-        x = F.pad(x, (left, right, top, bottom))
+        x = F.pad(x, self.pool_pads)
         return F.max_pool2d(x, 3, 2)
 
 
 class Bottleneck(nn.Module):
     """The one ResNet v1 bottleneck unit (stride 1, 64 -> 256), GroupNorm eps 1e-4."""
 
-    def __init__(self, cin: int = RESNET_WIDTH, width: int = RESNET_WIDTH) -> None:
+    def __init__(self, size: int, cin: int = RESNET_WIDTH, width: int = RESNET_WIDTH) -> None:
         super().__init__()
         cout = 4 * width
-        self.conv_proj = StdConv2d(cin, cout, 1)
+        self.conv_proj = StdConv2d(cin, cout, 1, size=size)
         self.gn_proj = nn.GroupNorm(32, cout, eps=1e-4)
-        self.conv1 = StdConv2d(cin, width, 1)
+        self.conv1 = StdConv2d(cin, width, 1, size=size)
         self.gn1 = nn.GroupNorm(32, width, eps=1e-4)
-        self.conv2 = StdConv2d(width, width, 3)
+        self.conv2 = StdConv2d(width, width, 3, size=size)
         self.gn2 = nn.GroupNorm(32, width, eps=1e-4)
-        self.conv3 = StdConv2d(width, cout, 1)
+        self.conv3 = StdConv2d(width, cout, 1, size=size)
         self.gn3 = nn.GroupNorm(32, cout, eps=1e-4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,8 +129,8 @@ class PatchEncoder(nn.Module):
         self.patch_size = config.patch_size
         self.kind = config.patch_encoder
         cells = (config.patch_size // 4) ** 2
-        self.root = ResNetRoot() if self.kind in ("resnet", "conv") else None
-        self.block = Bottleneck() if self.kind == "resnet" else None
+        self.root = ResNetRoot(config.patch_size) if self.kind in ("resnet", "conv") else None
+        self.block = Bottleneck(config.patch_size // 4) if self.kind == "resnet" else None
         features = {
             "resnet": cells * 4 * RESNET_WIDTH,
             "conv": cells * RESNET_WIDTH,
@@ -152,6 +169,9 @@ class Attention(nn.Module):
         self.value = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
         self.dropout = dropout
+        # When a list, forward computes the probabilities explicitly and appends their mean over
+        # heads [B, N, N] to it: the attention-rollout explanation reads them from here.
+        self.record: list[torch.Tensor] | None = None
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n = x.shape[0], x.shape[1]
@@ -161,16 +181,15 @@ class Attention(nn.Module):
         """x [B, N, D]; key_bias [B, 1, 1, N] (0 for valid keys, -1e10 for padding)."""
         b, n = x.shape[0], x.shape[1]
         q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_bias, dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.record is not None:
+            probs = ((q / math.sqrt(self.head_dim)) @ k.transpose(-2, -1) + key_bias).softmax(dim=-1)
+            self.record.append(probs.mean(dim=1))
+            y = probs @ v
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=key_bias, dropout_p=self.dropout if self.training else 0.0
+            )
         return self.out(y.transpose(1, 2).reshape(b, n, -1))
-
-    def weights(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        """Attention probabilities [B, heads, N, N], by explicit math (for explanations)."""
-        q, k = self._split(self.query(x)), self._split(self.key(x))
-        logits = (q / math.sqrt(self.head_dim)) @ k.transpose(-2, -1) + key_bias
-        return logits.softmax(dim=-1)
 
 
 class Mlp(nn.Module):
@@ -281,6 +300,40 @@ class Musiq(nn.Module):
         self, patches: torch.Tensor, spatial: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         return self.head(self.forward_features(patches, spatial, scale, mask))
+
+    def fold_weight_standardization(self) -> Musiq:
+        """Bakes the standardised conv kernels into the weights (inference and export only)."""
+        for m in self.modules():
+            if isinstance(m, StdConv2d):
+                m.fold()
+        return self
+
+    def attention_rollout(
+        self, patches: torch.Tensor, spatial: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head output [B, K] and the attention rollout from CLS to each token [B, N].
+
+        As in the paper's attention visualisation (after Abnar & Zuidema, 2020): per layer the
+        attention averaged over heads, plus the identity for the residual path, renormalised;
+        multiplied through the layers; the CLS row of the product, without CLS itself. Padded
+        tokens get zero (they are masked as keys everywhere).
+        """
+        attentions = [block.attention for block in self.blocks]
+        records: list[torch.Tensor] = []
+        for a in attentions:
+            a.record = records
+        try:
+            output = self(patches, spatial, scale, mask)
+        finally:
+            for a in attentions:
+                a.record = None
+        n = records[0].shape[-1]
+        eye = torch.eye(n, dtype=records[0].dtype, device=records[0].device)
+        row = eye[:1].expand(records[0].shape[0], 1, n)  # CLS row, [B, 1, 1+N]
+        for probs in reversed(records):  # e0^T A_L ... A_1, evaluated from the left: O(N^2) per layer
+            joint = probs + eye
+            row = row @ (joint / joint.sum(dim=-1, keepdim=True))
+        return output, row[:, 0, 1:]
 
     def score(self, output: torch.Tensor) -> torch.Tensor:
         """Head output [B, K] -> quality score [B]."""

@@ -1,0 +1,52 @@
+"""`musiq export`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser(
+        "export",
+        help="export a checkpoint to a verified ONNX file (fp32, fp16 or int8)",
+        description="Trace, fuse and verify against PyTorch; the file is written only if every check passes.",
+    )
+    e.add_argument("--checkpoint", required=True, help="project checkpoint (.safetensors)")
+    e.add_argument("-o", "--output", required=True, help="output .onnx path")
+    e.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32")
+    e.add_argument("--opset", type=int, default=17, help="ai.onnx opset (default 17)")
+    e.add_argument(
+        "--rollout", action="store_true", help="also write NAME.rollout.onnx with the CLS attention rollout"
+    )
+    e.add_argument(
+        "--min-int8-srcc", type=float, default=0.995, help="refuse int8 below this SRCC against fp32"
+    )
+    e.add_argument("--photos", type=int, help="use only the first N of the 56 check photos (faster)")
+    e.set_defaults(handler=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.exporter import export_checkpoint
+    from export.photos import distorted_photos
+
+    result = export_checkpoint(
+        args.checkpoint,
+        args.output,
+        precision=args.precision,
+        opset=args.opset,
+        rollout=args.rollout,
+        min_int8_srcc=args.min_int8_srcc,
+        photos=distorted_photos(limit=args.photos),
+    )
+    print(
+        json.dumps(
+            {
+                "path": str(result.path),
+                "rollout": str(result.rollout_path) if result.rollout_path else None,
+                "fused": result.fused,
+                "parity": result.metadata.parity,
+            }
+        )
+    )
+    return 0

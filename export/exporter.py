@@ -1,0 +1,201 @@
+"""`musiq export`: checkpoint -> verified, self-describing ONNX file(s).
+
+Steps, each printed: trace (batch and token axes symbolic), ONNX checker, ORT transformer
+fusions, fp32 parity against PyTorch over shapes from 1 to 4096 tokens (refused above the
+tolerance), then for fp16 / int8 the reduced file and its deviation and rank agreement with fp32
+on real photos (int8 refused below the SRCC floor). The metadata records all of it, and the file
+is written only after every check passed (atomically: temp file, then rename).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.graph import RolloutGraph, ScoringGraph, export_graph
+from export.metadata import ModelMetadata
+from export.optimize import fuse, fused_op_counts, to_fp16, to_int8
+from export.verify import SHAPES, ShapeCheck, check_shapes, compare_precision, photo_scores
+from model.checkpoint import file_sha256, load_checkpoint
+from model.network import build_model
+
+FP32_TOLERANCE = 1e-4  # absolute, on the score
+MIN_INT8_SRCC = 0.995
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+class ExportRefused(RuntimeError):
+    """A check failed; nothing was written."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    metadata: ModelMetadata
+    fused: dict[str, int]
+    shape_checks: list[ShapeCheck]
+    rollout_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def session(model: onnx.ModelProto | str | Path, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def _write(model: onnx.ModelProto, path: Path, props: dict[str, str]) -> None:
+    del model.metadata_props[:]
+    for key, value in sorted(props.items()):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_checkpoint(
+    checkpoint_path: str | Path,
+    output: str | Path,
+    *,
+    precision: str = "fp32",
+    opset: int = 17,
+    rollout: bool = False,
+    min_int8_srcc: float = MIN_INT8_SRCC,
+    photos: Sequence[tuple[str, np.ndarray]] | None = None,
+    shapes: Sequence[tuple[int, int, str]] = SHAPES,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> ExportResult:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    output = Path(output)
+    checkpoint = load_checkpoint(checkpoint_path)
+    cfg = checkpoint.config
+    model = build_model(checkpoint)
+    if photos is None:
+        from export.photos import distorted_photos
+
+        photos = distorted_photos()
+    images = [img for _, img in photos]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = ScoringGraph(model)
+        traced = onnx.load(export_graph(graph, Path(tmp) / "traced.onnx", opset=opset))
+    onnx.checker.check_model(traced)
+    fp32 = fuse(traced, cfg.num_heads, cfg.hidden_size)
+    fused = fused_op_counts(fp32)
+    log(f"traced opset {opset}, ONNX checker passed; fused operators: {fused}")
+
+    fp32_session = session(fp32)
+    checks = check_shapes(fp32_session, model, shapes, real=images[:4])
+    worst = max(c.max_abs_diff for c in checks)
+    for c in checks:
+        log(
+            f"  fp32 vs PyTorch  batch {c.batch:>2} tokens {c.tokens:>5} {c.padding:<6} max |diff| {c.max_abs_diff:.2e}"
+        )
+    if worst > FP32_TOLERANCE:
+        raise ExportRefused(
+            f"fp32 ONNX differs from PyTorch by {worst:.3e} > {FP32_TOLERANCE:g}; nothing written"
+        )
+    parity: dict[str, Any] = {
+        "fp32_vs_torch_max_abs": float(f"{worst:.3e}"),
+        "shapes": [[c.batch, c.tokens, c.padding] for c in checks],
+    }
+
+    final, notes = fp32, []
+    if precision != "fp32":
+        outputs = tuple(o.name for o in fp32.graph.output)
+        final = to_fp16(fp32, keep_float32=outputs) if precision == "fp16" else to_int8(fp32)
+        reduced = session(final)
+        variant = check_shapes(reduced, model, shapes[:3], real=images[:4])
+        ref = photo_scores(fp32_session, images, cfg.packing())
+        got = photo_scores(reduced, images, cfg.packing())
+        report = compare_precision(ref, got)
+        log(
+            f"  {precision} vs fp32 on {report.images} photos: max |dev| {report.max_abs_dev:.4f}, "
+            f"mean {report.mean_abs_dev:.4f} (fp32 score std {report.fp32_score_spread:.4f}), SRCC {report.srcc:.5f}"
+        )
+        parity[f"{precision}_vs_fp32"] = report.as_dict()
+        parity[f"{precision}_vs_torch_max_abs"] = float(f"{max(c.max_abs_diff for c in variant):.3e}")
+        if precision == "int8" and not report.srcc >= min_int8_srcc:
+            raise ExportRefused(
+                f"int8 rank agreement with fp32 is {report.srcc:.4f} < {min_int8_srcc}; nothing written"
+            )
+
+    metadata = ModelMetadata(
+        name=checkpoint.name,
+        version=checkpoint.version,
+        patch_size=cfg.patch_size,
+        grid_size=cfg.grid_size,
+        longer_sides=cfg.longer_sides,
+        max_native_tokens=cfg.max_native_tokens,
+        head=cfg.head,
+        num_outputs=cfg.num_outputs,
+        score_range=checkpoint.score_range,
+        precision=precision,
+        source_sha256=file_sha256(checkpoint_path),
+        outputs=tuple(o.name for o in final.graph.output),
+        hidden_size=cfg.hidden_size,
+        num_layers=cfg.num_layers,
+        num_heads=cfg.num_heads,
+        mlp_dim=cfg.mlp_dim,
+        patch_encoder=cfg.patch_encoder,
+        parity=parity,
+        exporter={
+            "torch": torch.__version__,
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+            "opset": str(opset),
+        },
+    )
+    _write(final, output, metadata.to_props())
+    result = ExportResult(output, metadata, fused, checks, notes=notes)
+    if rollout:
+        result.rollout_path = _export_rollout(model, output, metadata, opset, shapes, log)
+    log(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {precision})")
+    return result
+
+
+def _export_rollout(model, output: Path, metadata: ModelMetadata, opset: int, shapes, log) -> Path:  # type: ignore[no-untyped-def]
+    """The explanation graph: fp32, unfused attention (it must expose the probabilities)."""
+    path = output.with_name(output.name.removesuffix(".onnx") + ".rollout.onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        traced = onnx.load(export_graph(RolloutGraph(model), Path(tmp) / "rollout.onnx", opset=opset))
+    onnx.checker.check_model(traced)
+    small = [s for s in shapes if s[1] <= 1500]  # rollout keeps one N x N matrix per layer
+    checks = check_shapes(session(traced), model, small)
+    worst = max(c.max_abs_diff for c in checks)
+    log(f"  rollout graph vs PyTorch over {len(checks)} shapes: max |diff| {worst:.2e}")
+    if worst > FP32_TOLERANCE:
+        raise ExportRefused(f"rollout graph differs from PyTorch by {worst:.3e}; nothing written")
+    meta = ModelMetadata(
+        **{
+            **metadata.__dict__,
+            "precision": "fp32",
+            "rollout": True,
+            "outputs": tuple(o.name for o in traced.graph.output),
+            "parity": {"fp32_vs_torch_max_abs": float(f"{worst:.3e}")},
+        }
+    )
+    _write(traced, path, meta.to_props())
+    log(f"wrote {path}")
+    return path

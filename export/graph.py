@@ -1,0 +1,155 @@
+"""The exported graphs: the network behind a serving-friendly signature.
+
+Inputs (batch and tokens dynamic):
+    patches  float32 (float16 for the fp16 file) [batch, tokens, P*P*3]
+    spatial  int32 [batch, tokens]  hashed spatial index
+    scale    int32 [batch, tokens]  scale id
+    mask     bool  [batch, tokens]  True for real patches
+Outputs: `score` [batch]; `distribution` [batch, K] for distribution heads (`logits` for class
+heads); the rollout graph adds `rollout` [batch, tokens], the CLS attention rollout.
+
+int32 indices and a bool mask halve or quarter the bytes of the non-patch inputs, and float16
+patches halve the dominant transfer; ONNX Gather takes int32 indices as they are.
+
+Attention is emitted as ONNX Runtime's fused `com.microsoft.Attention` (one packed QKV GEMM,
+masked softmax and the per-head products in one kernel) through the TorchScript exporter's
+symbolic hook; its key mask is the 2-D raw mask, which ORT turns into a -10000 bias: padded keys
+get exactly zero weight in float32, as with the official -1e10.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.network import Attention, Musiq, head_score
+
+INPUT_NAMES = ("patches", "spatial", "scale", "mask")
+
+
+class _FusedAttentionFn(torch.autograd.Function):
+    """Eager: the same math as `Attention`; ONNX: one `com.microsoft.Attention` node."""
+
+    @staticmethod
+    def forward(ctx, x, qkv_weight, qkv_bias, key_mask, num_heads):  # type: ignore[override]
+        b, n, d = x.shape
+        q, k, v = (x @ qkv_weight + qkv_bias).split(d, dim=-1)
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(b, n, num_heads, d // num_heads).transpose(1, 2)
+
+        bias = torch.where(key_mask.bool(), 0.0, -1e10).to(x.dtype)[:, None, None, :]
+        y = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)
+        return y.transpose(1, 2).reshape(b, n, d)
+
+    @staticmethod
+    def symbolic(g, x, qkv_weight, qkv_bias, key_mask, num_heads):  # type: ignore[no-untyped-def]
+        out = g.op("com.microsoft::Attention", x, qkv_weight, qkv_bias, key_mask, num_heads_i=num_heads)
+        out.setType(x.type())  # same shape and dtype as the input: lets shape inference continue
+        return out
+
+
+class FusedAttention(nn.Module):
+    """Drop-in for `model.network.Attention` with packed QKV weights, for export."""
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__()
+        self.heads = attention.heads
+        w = torch.cat([attention.query.weight, attention.key.weight, attention.value.weight], dim=0)
+        b = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias], dim=0)
+        self.qkv_weight = nn.Parameter(w.t().contiguous().detach(), requires_grad=False)  # [D, 3D]
+        self.qkv_bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        self.out = attention.out
+
+    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        key_mask = (key_bias[:, 0, 0, :] == 0).to(torch.int32)
+        return self.out(_FusedAttentionFn.apply(x, self.qkv_weight, self.qkv_bias, key_mask, self.heads))
+
+
+class ScoringGraph(nn.Module):
+    """What the server runs: packed tokens in, score (and distribution) out."""
+
+    def __init__(self, model: Musiq, fused_attention: bool = True) -> None:
+        super().__init__()
+        model = copy.deepcopy(model).eval().fold_weight_standardization()
+        if fused_attention:
+            for block in model.blocks:
+                block.attention = FusedAttention(block.attention)
+        self.model = model
+        self.head = model.config.head
+
+    def output_names(self) -> tuple[str, ...]:
+        return {"score": ("score",), "distribution": ("score", "distribution"), "classes": ("logits",)}[
+            self.head
+        ]
+
+    def _outputs(self, raw: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.head == "score":
+            return (raw[:, 0],)
+        if self.head == "distribution":
+            return head_score(raw, self.head), raw.softmax(dim=-1)
+        return (raw,)
+
+    def forward(self, patches, spatial, scale, mask):  # type: ignore[no-untyped-def]
+        return self._outputs(self.model(patches.float(), spatial, scale, mask))
+
+
+class RolloutGraph(ScoringGraph):
+    """The explanation graph: the scoring outputs plus the CLS attention rollout [batch, tokens]."""
+
+    def __init__(self, model: Musiq) -> None:
+        super().__init__(model, fused_attention=False)
+
+    def output_names(self) -> tuple[str, ...]:
+        return (*super().output_names(), "rollout")
+
+    def forward(self, patches, spatial, scale, mask):  # type: ignore[no-untyped-def]
+        raw, rollout = self.model.attention_rollout(patches.float(), spatial, scale, mask)
+        return (*self._outputs(raw), rollout)
+
+
+def example_inputs(patch_size: int, batch: int = 2, tokens: int = 9) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    mask = torch.ones(batch, tokens, dtype=torch.bool)
+    mask[-1, tokens // 2 :] = False  # trace through a padded batch
+    return (
+        torch.rand(batch, tokens, patch_size * patch_size * 3, generator=g) * 2 - 1,
+        torch.randint(0, 4, (batch, tokens), generator=g, dtype=torch.int32),
+        torch.randint(0, 2, (batch, tokens), generator=g, dtype=torch.int32),
+        mask,
+    )
+
+
+def export_graph(graph: ScoringGraph, path: str | Path, opset: int = 17) -> Path:
+    """Traces `graph` to ONNX with symbolic batch and token axes.
+
+    The TorchScript exporter is used because it carries the fused-attention symbolic; every
+    reshape is traced from runtime shapes, so nothing bakes in the token count (the tests run
+    1 and 4096 tokens through one file).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = graph.output_names()
+    axes = {name: {0: "batch", 1: "tokens"} for name in INPUT_NAMES}
+    axes.update({name: {0: "batch"} for name in names})
+    if "rollout" in names:
+        axes["rollout"] = {0: "batch", 1: "tokens"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # deprecation and tracer notes about the static patch size
+        torch.onnx.export(
+            graph,
+            example_inputs(graph.model.config.patch_size),
+            str(path),
+            dynamo=False,
+            input_names=list(INPUT_NAMES),
+            output_names=list(names),
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    return path
