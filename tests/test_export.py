@@ -1,0 +1,263 @@
+"""ONNX export: parity across shapes, metadata round trip, precisions, refusals, rollout."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from export import exporter
+from export.exporter import ExportRefused, export_checkpoint, session
+from export.metadata import MetadataError, ModelMetadata
+from export.verify import SHAPES, check_shapes, ort_outputs, random_batch, spearman, torch_outputs
+from model.checkpoint import file_sha256, save_checkpoint
+from model.config import MusiqConfig
+from model.network import build_model, to_checkpoint
+from tests.test_network import TINY, randomised
+
+FEW_SHAPES = ((1, 1, "none"), (1, 4096, "none"), (4, 300, "heavy"))
+
+
+def photos(n: int = 10) -> list[tuple[str, np.ndarray]]:
+    from export.photos import distorted_photos
+
+    return distorted_photos(limit=n, longer_side=160)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("export")
+    out = {}
+    for name, cfg in [("score", TINY), ("dist", TINY.replace(head="distribution", num_outputs=10))]:
+        out[name] = save_checkpoint(
+            to_checkpoint(randomised(cfg, seed=4), name=name, version="7"), d / f"{name}.safetensors"
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> exporter.ExportResult:
+    out = tmp_path_factory.mktemp("onnx") / "tiny.onnx"
+    return export_checkpoint(checkpoints["score"], out, rollout=True, photos=photos(4), log=lambda s: None)
+
+
+def test_fp32_parity_over_all_shapes(exported: exporter.ExportResult) -> None:
+    checks = exported.shape_checks
+    assert {(c.batch, c.tokens, c.padding) for c in checks} >= set(SHAPES)
+    assert max(c.max_abs_diff for c in checks) < 1e-4
+    assert exported.metadata.parity["fp32_vs_torch_max_abs"] < 1e-4
+
+
+def test_signature_is_dynamic_and_deliberately_typed(exported: exporter.ExportResult) -> None:
+    s = session(exported.path)
+    inputs = {i.name: (i.type, i.shape) for i in s.get_inputs()}
+    assert inputs["patches"] == ("tensor(float)", ["batch", "tokens", 3072])
+    assert inputs["spatial"] == ("tensor(int32)", ["batch", "tokens"])
+    assert inputs["scale"] == ("tensor(int32)", ["batch", "tokens"])
+    assert inputs["mask"] == ("tensor(bool)", ["batch", "tokens"])
+    assert [(o.name, o.shape) for o in s.get_outputs()] == [("score", ["batch"])]
+
+
+def test_one_and_4096_tokens_run_on_the_same_file(exported: exporter.ExportResult) -> None:
+    s = session(exported.path)
+    for tokens in (1, 4096):
+        batch = random_batch(1, tokens, "none", 32, 10, 3, seed=tokens)
+        assert ort_outputs(s, batch)["score"].shape == (1,)
+    # no Reshape target holds a traced token count: every shape constant is small or symbolic
+    model = onnx.load(exported.path)
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in consts:
+            assert 9 not in consts[node.input[1]].tolist() and 10 not in consts[node.input[1]].tolist()
+
+
+def test_fusions_fired(exported: exporter.ExportResult) -> None:
+    fused = exported.fused
+    assert fused["Attention"] == TINY.num_layers
+    assert fused["FastGelu"] == TINY.num_layers  # the tanh GELU, bias folded in
+    assert fused.get("SkipLayerNormalization", 0) + fused.get("LayerNormalization", 0) >= 2 * TINY.num_layers
+
+
+def test_metadata_round_trips_through_onnxruntime(
+    exported: exporter.ExportResult, checkpoints: dict[str, Path]
+) -> None:
+    props = session(exported.path).get_modelmeta().custom_metadata_map
+    meta = ModelMetadata.from_props(props)
+    assert meta == exported.metadata
+    assert (meta.name, meta.version, meta.precision, meta.head) == ("score", "7", "fp32", "score")
+    assert meta.packing == TINY.packing()
+    assert meta.source_sha256 == file_sha256(checkpoints["score"])
+    assert meta.outputs == ("score",) and meta.score_range == (0.0, 100.0)
+    assert json.loads(props["musiq.longer_sides"]) == [224, 384]
+    with pytest.raises(MetadataError, match="no musiq"):
+        ModelMetadata.from_props({"other": "x"})
+
+
+def test_rollout_graph(exported: exporter.ExportResult, checkpoints: dict[str, Path]) -> None:
+    assert exported.rollout_path is not None and exported.rollout_path.name == "tiny.rollout.onnx"
+    s = session(exported.rollout_path)
+    assert [o.name for o in s.get_outputs()] == ["score", "rollout"]
+    assert ModelMetadata.from_props(s.get_modelmeta().custom_metadata_map).rollout
+    model = build_model(__import__("model.checkpoint", fromlist=["x"]).load_checkpoint(checkpoints["score"]))
+    batch = random_batch(3, 120, "heavy", 32, 10, 3, seed=5)
+    got, want = ort_outputs(s, batch), torch_outputs(model, batch, rollout=True)
+    np.testing.assert_allclose(got["rollout"], want["rollout"], atol=1e-5)
+    roll = got["rollout"]
+    assert (roll[~batch.mask] == 0).all() and (roll >= 0).all()
+    assert (roll.sum(1) <= 1 + 1e-5).all() and (roll.sum(1) > 0.2).all()  # CLS keeps the rest
+
+
+def test_rollout_is_identity_free_product() -> None:
+    """One layer, by hand: rollout row = CLS row of (A + I) / 2 without the CLS entry."""
+    model = randomised(TINY.replace(num_layers=1))
+    batch = random_batch(1, 5, "none", 32, 10, 3, seed=1)
+    inputs = [torch.from_numpy(a) for a in (batch.patches, batch.spatial, batch.scale, batch.mask)]
+    records: list[torch.Tensor] = []
+    model.blocks[0].attention.record = records
+    with torch.no_grad():
+        model(*inputs)
+        _, roll = model.attention_rollout(*inputs)
+    a = records[0][0]
+    expected = ((a + torch.eye(6)) / 2)[0, 1:]
+    torch.testing.assert_close(roll[0], expected)
+
+
+def test_distribution_head_exports_both_outputs(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    result = export_checkpoint(
+        checkpoints["dist"], tmp_path / "d.onnx", photos=photos(2), shapes=FEW_SHAPES, log=lambda s: None
+    )
+    s = session(result.path)
+    assert [o.name for o in s.get_outputs()] == ["score", "distribution"]
+    out = ort_outputs(s, random_batch(2, 40, "heavy", 32, 10, 3, seed=2))
+    assert out["distribution"].shape == (2, 10)
+    np.testing.assert_allclose(out["distribution"].sum(1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(out["score"], out["distribution"] @ np.arange(1, 11), atol=1e-4)
+    assert result.metadata.score_range == (1.0, 10.0)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_reduced_precisions_report_deviation_and_srcc(
+    checkpoints: dict[str, Path], tmp_path: Path, precision: str
+) -> None:
+    result = export_checkpoint(
+        checkpoints["score"],
+        tmp_path / f"{precision}.onnx",
+        precision=precision,
+        photos=photos(14),
+        shapes=FEW_SHAPES,
+        min_int8_srcc=0.9,
+        log=lambda s: None,
+    )
+    report = result.metadata.parity[f"{precision}_vs_fp32"]
+    assert report["images"] == 14 and 0 < report["max_abs_dev"] < 0.5 and report["srcc_vs_fp32"] > 0.9
+    s = session(result.path)
+    expected = "tensor(float16)" if precision == "fp16" else "tensor(float)"
+    assert s.get_inputs()[0].type == expected and s.get_outputs()[0].type == "tensor(float)"
+    assert ModelMetadata.from_props(s.get_modelmeta().custom_metadata_map).precision == precision
+    ops = {n.op_type for n in onnx.load(result.path).graph.node}
+    if precision == "int8":
+        assert {"QAttention", "MatMulInteger"} <= ops
+
+
+def test_int8_below_the_srcc_floor_is_refused(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "int8.onnx"
+    with pytest.raises(ExportRefused, match="rank agreement"):
+        export_checkpoint(
+            checkpoints["score"],
+            out,
+            precision="int8",
+            photos=photos(6),
+            shapes=FEW_SHAPES,
+            min_int8_srcc=1.01,
+            log=lambda s: None,
+        )
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_fp32_parity_failure_is_refused(
+    checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(exporter, "FP32_TOLERANCE", 1e-12)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ExportRefused, match="differs from PyTorch"):
+        export_checkpoint(checkpoints["score"], out, photos=photos(2), shapes=FEW_SHAPES, log=lambda s: None)
+    assert not out.exists()
+
+
+def test_check_catches_a_wrong_graph(checkpoints: dict[str, Path], exported: exporter.ExportResult) -> None:
+    """The parity check can fail: a model with other weights is caught."""
+    other = randomised(TINY, seed=99)
+    checks = check_shapes(session(exported.path), other, FEW_SHAPES)
+    assert max(c.max_abs_diff for c in checks) > 1e-2
+
+
+def test_spearman() -> None:
+    assert spearman(np.array([1, 2, 3, 4]), np.array([10, 20, 30, 40])) == pytest.approx(1.0)
+    assert spearman(np.array([1, 2, 3, 4]), np.array([4, 3, 2, 1])) == pytest.approx(-1.0)
+    assert spearman(np.array([1, 2, 2, 3]), np.array([1, 2, 2, 3])) == pytest.approx(1.0)
+    assert np.isnan(spearman(np.array([1, 1]), np.array([1, 2])))
+
+
+def test_cli_export(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "cli.onnx"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "export",
+            "--checkpoint",
+            str(checkpoints["score"]),
+            "-o",
+            str(out),
+            "--photos",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["path"] == str(out) and summary["fused"]["Attention"] == 2
+    assert "fp32 vs PyTorch" in result.stderr and out.exists()
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "export",
+            "--checkpoint",
+            str(tmp_path / "none.safetensors"),
+            "-o",
+            str(tmp_path / "x.onnx"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "no such checkpoint" in bad.stderr
+
+
+@pytest.mark.slow
+def test_official_size_export_runs_1_to_4096_tokens(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(
+        to_checkpoint(randomised(MusiqConfig(), seed=8), name="official"), tmp_path / "o.safetensors"
+    )
+    result = export_checkpoint(
+        ckpt,
+        tmp_path / "o.onnx",
+        photos=photos(2),
+        shapes=((1, 1, "none"), (1, 4096, "none"), (3, 200, "heavy")),
+        log=lambda s: None,
+    )
+    assert max(c.max_abs_diff for c in result.shape_checks) < 1e-4
+    assert result.fused["Attention"] == 14 and result.fused["FastGelu"] == 14
