@@ -24,6 +24,12 @@ FUSED_OPS = (
 )
 
 
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
 def op_counts(model: onnx.ModelProto) -> Counter[str]:
     return Counter(node.op_type for node in model.graph.node)
 
@@ -44,7 +50,7 @@ def fuse(model: onnx.ModelProto, num_heads: int, hidden_size: int) -> onnx.Model
     from onnxruntime.transformers.onnx_model_bert import BertOnnxModel
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
-    optimizer = BertOnnxModel(model, num_heads=num_heads, hidden_size=hidden_size)
+    optimizer = BertOnnxModel(_copy(model), num_heads=num_heads, hidden_size=hidden_size)
     optimizer.optimize(FusionOptions("bert"), add_dynamic_axes=False)
     optimizer.topological_sort()
     return optimizer.model
@@ -57,7 +63,7 @@ def to_fp16(model: onnx.ModelProto, keep_float32: tuple[str, ...]) -> onnx.Model
     """
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    wrapped = OnnxModel(model)
+    wrapped = OnnxModel(_copy(model))  # the converter edits in place; the fp32 model stays as is
     wrapped.convert_float_to_float16(keep_io_types=list(keep_float32))
     return wrapped.model
 
