@@ -30,7 +30,15 @@ from model.flops import forward_flops
 from model.network import Musiq
 from model.packing import collate, pack
 
-PHOTO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500" / "images" / "test" / "100007.jpg"
+PHOTO = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "data"
+    / "bsds500"
+    / "images"
+    / "test"
+    / "100007.jpg"
+)
 
 
 def photo(width: int, height: int) -> np.ndarray:
@@ -70,7 +78,9 @@ def timed(fn, runs: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--out", default="bench/results/export_speed.md")
     args = parser.parse_args()
@@ -80,13 +90,17 @@ def main() -> None:
         model.head.weight.normal_(0, 0.05)
     graph = ScoringGraph(model)
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = fuse(onnx.load(export_graph(graph, Path(tmp) / "m.onnx")), OFFICIAL.num_heads, OFFICIAL.hidden_size)
+        fp32 = fuse(
+            onnx.load(export_graph(graph, Path(tmp) / "m.onnx")), OFFICIAL.num_heads, OFFICIAL.hidden_size
+        )
     variants = {"ORT fp32": fp32, "ORT fp16": to_fp16(fp32, ("score",)), "ORT int8": to_int8(fp32)}
     sessions = {}
     for name, m in variants.items():
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        sessions[name] = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        sessions[name] = ort.InferenceSession(
+            m.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
 
     peak, peak_by = sgemm_peak()
     rows = []
@@ -97,13 +111,15 @@ def main() -> None:
         inputs = [torch.from_numpy(a) for a in (batch.patches, batch.spatial, batch.scale, batch.mask)]
         feeds = {"patches": batch.patches, "spatial": batch.spatial, "scale": batch.scale, "mask": batch.mask}
         with torch.inference_mode():
-            results = {"PyTorch eager fp32": timed(lambda: model(*inputs), args.runs)}
+            results = {"PyTorch eager fp32": timed(lambda inputs=inputs: model(*inputs), args.runs)}
         for name, s in sessions.items():
             f = dict(feeds, patches=batch.patches.astype(np.float16)) if "fp16" in name else feeds
             results[name] = timed(lambda s=s, f=f: s.run(None, f), args.runs)
         base = results["PyTorch eager fp32"]
         for name, sec in results.items():
-            rows.append((f"{w}x{h}", tokens, name, sec * 1e3, flops / sec / 1e9, flops / sec / 1e9 / peak, base / sec))
+            rows.append(
+                (f"{w}x{h}", tokens, name, sec * 1e3, flops / sec / 1e9, flops / sec / 1e9 / peak, base / sec)
+            )
         print(f"{w}x{h} done", flush=True)
 
     lines = [

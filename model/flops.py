@@ -26,5 +26,6 @@ def patch_encoder_flops(config: MusiqConfig) -> int:
 def forward_flops(config: MusiqConfig, tokens: int) -> int:
     """One image of `tokens` patch tokens (padding included: it is computed too), plus CLS."""
     d, n = config.hidden_size, tokens + 1
-    per_layer = 2 * n * (4 * d * d + 2 * d * config.mlp_dim) + 2 * 2 * n * n * d  # projections, MLP, QK^T and AV
+    # q/k/v/out projections and the MLP per token, then QK^T and AV over all token pairs
+    per_layer = 2 * n * (4 * d * d + 2 * d * config.mlp_dim) + 2 * 2 * n * n * d
     return tokens * patch_encoder_flops(config) + config.num_layers * per_layer + 2 * d * config.num_outputs
