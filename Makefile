@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PARITY_VENV ?= .venv-parity
 PARITY_STAMP := $(PARITY_VENV)/.installed
 
-.PHONY: install install-parity test test-fast parity lint format bench clean
+.PHONY: install install-parity test test-fast parity lint format bench default-model brisque-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -48,5 +48,24 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pack_speed.py
 
+# Train the default model on this CPU (hours), in the background; resumable.
+default-model: $(STAMP)
+	mkdir -p runs
+	nohup tools/default_model.sh > runs/default-model.log 2>&1 &
+	@echo "training in the background: tail -f runs/default-model.log (run again to resume)"
+
+# MUSIQ vs BRISQUE on the CLIVE validation split (BRISQUE needs numpy<2: its own venv).
+CLIVE ?= ../shared/data/clive
+BRISQUE_VENV ?= .venv-brisque
+$(BRISQUE_VENV)/.installed:
+	test -x $(BRISQUE_VENV)/bin/python || $(PYTHON) -m venv $(BRISQUE_VENV)
+	$(BRISQUE_VENV)/bin/pip install --quiet brisque==0.2.0 "numpy<2" "opencv-python-headless<4.11" scipy pillow
+	touch $@
+
+brisque-compare: $(STAMP) $(BRISQUE_VENV)/.installed
+	$(BIN)/musiq split --data $(CLIVE)/labels.csv -o runs/clive_split.csv
+	$(BIN)/musiq eval --data runs/clive_split.csv --split val --out runs/eval_default
+	$(BRISQUE_VENV)/bin/python bench/brisque_compare.py runs/eval_default/predictions.csv
+
 clean:
-	rm -rf $(VENV) $(PARITY_VENV) .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) $(PARITY_VENV) $(BRISQUE_VENV) .pytest_cache .hypothesis .ruff_cache

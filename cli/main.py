@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from export import commands as export_commands
 from model import commands as model_commands
+from model import eval_command, train_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_commands.register(sub)
+    eval_command.register(sub)
+    train_command.register(sub)
     export_commands.register(sub)
     return parser
 

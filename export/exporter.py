@@ -67,6 +67,9 @@ def _write(model: onnx.ModelProto, path: Path, props: dict[str, str]) -> None:
     os.close(fd)
     try:
         onnx.save(model, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

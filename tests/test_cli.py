@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model.checkpoint import load_checkpoint
+from model.checkpoint import default_checkpoint_path, load_checkpoint
 from model.decode import decode_image
 from model.network import build_model
 from model.packing import collate, pack
@@ -150,9 +150,28 @@ def test_score_bad_inputs_are_one_line_errors(checkpoints: dict[str, Path], tmp_
     assert json.loads(result.stdout.splitlines()[0])["image"] == str(good)
 
 
-def test_score_without_checkpoint_says_so(tmp_path: Path) -> None:
-    result = musiq("score", write_jpeg(tmp_path / "a.jpg", 40, 40))
-    assert_one_line_error(result, "--checkpoint")
+def test_score_without_checkpoint_uses_the_embedded_model(tmp_path: Path) -> None:
+    img = write_jpeg(tmp_path / "a.jpg", 120, 160)
+    result = musiq("score", img)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout)
+    model = build_model(load_checkpoint(default_checkpoint_path()))
+    batch = collate([pack(decode_image(img), model.config.packing())])
+    with torch.inference_mode():
+        out = model(*[torch.from_numpy(a) for a in (batch.patches, batch.spatial, batch.scale, batch.mask)])
+    assert record["score"] == pytest.approx(float(model.score(out)[0]), abs=1e-4)
+
+
+def test_score_without_any_model_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cli.main import main
+    from model import commands
+
+    monkeypatch.setattr(commands, "default_checkpoint_path", lambda: None)
+    assert main(["score", "x.jpg"]) == 1
+    err = capsys.readouterr().err
+    assert "--checkpoint" in err and "Traceback" not in err
 
 
 def test_bad_checkpoint_and_missing_image_for_pack(tmp_path: Path) -> None:
