@@ -157,7 +157,10 @@ def _kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         warnings.simplefilter("ignore", stats.ConstantInputWarning)
         for i in range(a.shape[0]):
             if a.shape[1] >= 2:
-                out[i] = stats.kendalltau(a[i], b[i], method="asymptotic").statistic
+                try:
+                    out[i] = stats.kendalltau(a[i], b[i], method="asymptotic").statistic
+                except ZeroDivisionError:  # scipy's variance term for tiny, tied samples (n = 2)
+                    out[i] = np.nan
     return out
 
 

@@ -94,12 +94,18 @@ class TrainConfig:
             if value and not Path(value).is_absolute():
                 setattr(config, attr, str((base / value).resolve()))
         config.photos = [str((base / p).resolve()) for p in config.photos]
+        config.network()  # fail at load, naming the setting, not halfway into a run
         return config
 
     def network(self) -> MusiqConfig:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        return PRESETS[self.preset].replace(**self.model, max_native_tokens=self.max_native_tokens)
+        overrides = dict(self.model)
+        cap = overrides.pop("max_native_tokens", self.max_native_tokens)
+        try:
+            return PRESETS[self.preset].replace(**overrides, max_native_tokens=cap)
+        except TypeError as exc:  # an unknown [model] key
+            raise ValueError(f"bad [model] settings: {exc}") from None
 
 
 def emd_loss(logits: torch.Tensor, target: torch.Tensor, r: float = 2.0) -> torch.Tensor:

@@ -312,3 +312,8 @@ def test_read_dataset_errors(tmp_path: Path) -> None:
         read_dataset(tmp_path / "d.csv", split="test")
     with pytest.raises(ValueError, match="no such CSV"):
         read_dataset(tmp_path / "nope.csv")
+
+
+def test_two_images_do_not_raise() -> None:
+    m = iqa_metrics(np.array([1.0, 2.0]), np.array([3.0, 4.0]), n_boot=100, seed=1)
+    assert m["n"] == 2 and m["srcc"]["value"] == pytest.approx(1.0)
