@@ -203,3 +203,14 @@ EMBEDDED_DEFAULT = Path(__file__).parent / "weights" / "default.safetensors"
 def default_checkpoint_path() -> Path | None:
     """The model shipped inside the package, if this build carries one."""
     return EMBEDDED_DEFAULT if EMBEDDED_DEFAULT.is_file() else None
+
+
+def load_named_or_default(path: str | os.PathLike[str] | None) -> Checkpoint:
+    """The checkpoint a command was given, else the embedded default model, else a clear error."""
+    path = path or default_checkpoint_path()
+    if path is None:
+        raise CheckpointError(
+            "no embedded default model in this build; pass --checkpoint FILE "
+            "(convert published weights with `musiq convert`)"
+        )
+    return load_checkpoint(path)

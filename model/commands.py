@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint, save_checkpoint
+from model.checkpoint import load_named_or_default, save_checkpoint
 from model.config import PackingConfig
 from model.decode import ImageDecodeError, decode_image
 from model.packing import collate, pack
@@ -111,13 +111,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    path = args.checkpoint or default_checkpoint_path()
-    if path is None:
-        raise CheckpointError(
-            "no embedded default model in this build yet; pass --checkpoint FILE "
-            "(convert published weights with `musiq convert`)"
-        )
-    checkpoint = load_checkpoint(path)
+    checkpoint = load_named_or_default(args.checkpoint)
 
     import torch
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from model.checkpoint import CheckpointError, default_checkpoint_path, load_checkpoint
+from model.checkpoint import default_checkpoint_path, load_named_or_default
 
 REQUIRED_COLUMNS = ("image", "mos")
 MAX_LISTED = 5  # missing files named in an error message; the rest are counted
@@ -132,13 +132,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
     data = read_dataset(args.data, split=args.split, limit=args.limit)
-    ckpt_path = args.checkpoint or default_checkpoint_path()
-    if ckpt_path is None:
-        raise CheckpointError(
-            "no embedded default model in this build yet; pass --checkpoint FILE "
-            "(convert published weights with `musiq convert`)"
-        )
-    checkpoint = load_checkpoint(ckpt_path)
+    checkpoint = load_named_or_default(args.checkpoint)
 
     from model.network import build_model
     from model.scoring import score_images
@@ -162,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             **metrics,
             "model": checkpoint.name,
             "model_version": checkpoint.version,
-            "checkpoint": str(ckpt_path),
+            "checkpoint": str(args.checkpoint or default_checkpoint_path()),
             "data": str(args.data),
             "split": args.split,
         }

@@ -166,9 +166,9 @@ def test_score_without_any_model_says_so(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from cli.main import main
-    from model import commands
+    from model import checkpoint
 
-    monkeypatch.setattr(commands, "default_checkpoint_path", lambda: None)
+    monkeypatch.setattr(checkpoint, "default_checkpoint_path", lambda: None)
     assert main(["score", "x.jpg"]) == 1
     err = capsys.readouterr().err
     assert "--checkpoint" in err and "Traceback" not in err
