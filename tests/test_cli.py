@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,19 +16,10 @@ from model.checkpoint import default_checkpoint_path, load_checkpoint
 from model.decode import decode_image
 from model.network import build_model
 from model.packing import collate, pack
+from tests.helpers import musiq
 from tests.reference.official_numpy import make_official_params, save_official_npz
 
 SMALL = dict(hidden=64, layers=2, heads=4, mlp=96)
-
-
-def musiq(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def write_jpeg(path: Path, h: int, w: int, seed: int = 0) -> Path:

@@ -10,8 +10,6 @@ import csv
 import json
 import math
 import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from model.evaluate import (
 from model.network import to_checkpoint
 from model.packing import collate, pack
 from model.scoring import planned_tokens, score_images
+from tests.helpers import musiq
 from tests.test_network import TINY, randomised
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -238,16 +237,6 @@ def test_score_images_edge_cases(tiny_model, tmp_path: Path) -> None:
 
 
 # --- musiq eval ----------------------------------------------------------------------------------
-
-
-def musiq(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.fixture(scope="module")

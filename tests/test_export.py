@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from export.verify import SHAPES, check_shapes, ort_outputs, random_batch, spear
 from model.checkpoint import file_sha256, save_checkpoint
 from model.config import MusiqConfig
 from model.network import build_model, to_checkpoint
+from tests.helpers import musiq
 from tests.test_network import TINY, randomised
 
 FEW_SHAPES = ((1, 1, "none"), (1, 4096, "none"), (4, 300, "heavy"))
@@ -206,43 +205,13 @@ def test_spearman() -> None:
 
 def test_cli_export(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "cli.onnx"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "export",
-            "--checkpoint",
-            str(checkpoints["score"]),
-            "-o",
-            str(out),
-            "--photos",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = musiq("export", "--checkpoint", checkpoints["score"], "-o", out, "--photos", "2")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["path"] == str(out) and summary["fused"]["Attention"] == 2
     assert "fp32 vs PyTorch" in result.stderr and out.exists()
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "export",
-            "--checkpoint",
-            str(tmp_path / "none.safetensors"),
-            "-o",
-            str(tmp_path / "x.onnx"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    bad = musiq(
+        "export", "--checkpoint", tmp_path / "none.safetensors", "-o", tmp_path / "x.onnx", timeout=120
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "no such checkpoint" in bad.stderr
 

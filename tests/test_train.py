@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from model.data import LabelledImages, Sample, collate_batch, read_labels, split
 from model.decode import decode_image
 from model.packing import pack
 from model.train import TrainConfig, emd_loss, lr_at, train
+from tests.helpers import musiq
 
 # A tiny network: one 64-px resized scale (4 tokens) + 16 native tokens, one transformer layer.
 TINY_MODEL = """
@@ -484,16 +483,6 @@ def test_missing_data_source_is_a_value_error(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # `musiq train`
 # --------------------------------------------------------------------------------------------
-
-
-def musiq(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
 
 
 def test_cli_train_smoke_run(tmp_path: Path) -> None:
