@@ -1,0 +1,1 @@
+"""The scoring service: REST and gRPC over one batching core (numpy, Pillow, ONNX Runtime; no torch)."""
