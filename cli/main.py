@@ -1,7 +1,7 @@
 """`musiq` entry point.
 
 Each subcommand lives with the package that owns it (`model.commands`: pack / convert / score;
-`export.commands`: export)
+`export.commands`: export; `service.commands`: serve)
 and is imported only when chosen, so `musiq pack` never loads torch. Expected failures (bad
 input, bad checkpoint) end with one line on stderr and a non-zero exit, never a traceback; set
 MUSIQ_DEBUG=1 to see the traceback of an unexpected error.
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from export import commands as export_commands
 from model import commands as model_commands
 from model import eval_command, train_command
+from service import commands as service_commands
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_command.register(sub)
     train_command.register(sub)
     export_commands.register(sub)
+    service_commands.register(sub)
     return parser
 
 

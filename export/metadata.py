@@ -48,7 +48,9 @@ class ModelMetadata:
 
     @property
     def packing(self) -> PackingConfig:
-        return PackingConfig(self.patch_size, self.grid_size, self.longer_sides, self.max_native_tokens)
+        return PackingConfig(
+            self.patch_size, self.grid_size, self.longer_sides, self.max_native_tokens, pad_native=False
+        )
 
     def to_props(self) -> dict[str, str]:
         values: dict[str, Any] = {

@@ -22,13 +22,17 @@ class PackingConfig:
 
     `longer_sides` are the resized scales (ascending; scale ids 0..len-1); the native image is
     always the last scale, id `len(longer_sides)`. `max_native_tokens` caps the native scale:
-    -1 keeps every patch, 0 drops the native scale, n > 0 pads or cuts it to exactly n rows.
+    -1 keeps every patch, 0 drops the native scale, n > 0 cuts it to n rows and, with
+    `pad_native` (the official fixed-length layout), pads shorter images to exactly n rows.
+    Batching pads per batch anyway, so training and serving turn `pad_native` off: a padded row
+    costs a full token of compute and changes nothing (it is masked).
     """
 
     patch_size: int = 32
     grid_size: int = 10
     longer_sides: tuple[int, ...] = (224, 384)
     max_native_tokens: int = -1
+    pad_native: bool = True
 
     def __post_init__(self) -> None:
         if self.patch_size < 1:
@@ -122,10 +126,13 @@ class MusiqConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
-    def packing(self, max_native_tokens: int | None = None) -> PackingConfig:
-        """The packing this network expects; the native-token cap may be overridden per call."""
+    def packing(self, max_native_tokens: int | None = None, pad_native: bool = False) -> PackingConfig:
+        """The packing this network expects; the native-token cap may be overridden per call.
+
+        A cap, not a fixed length, by default (`pad_native=False`): padding rows change no output.
+        """
         cap = self.max_native_tokens if max_native_tokens is None else max_native_tokens
-        return PackingConfig(self.patch_size, self.grid_size, self.longer_sides, cap)
+        return PackingConfig(self.patch_size, self.grid_size, self.longer_sides, cap, pad_native)
 
     def replace(self, **changes: Any) -> MusiqConfig:
         return dataclasses.replace(self, **changes)

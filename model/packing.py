@@ -178,7 +178,12 @@ def pack(image: np.ndarray, config: PackingConfig | None = None) -> PackedImage:
         h, w = resized_shape(height, width, side)
         plans.append((scale_id, h, w, config.resized_scale_tokens(side)))
     native_count = -(-height // p) * -(-width // p)
-    native_rows = native_count if config.max_native_tokens < 0 else config.max_native_tokens
+    if config.max_native_tokens < 0:
+        native_rows = native_count
+    elif config.pad_native:
+        native_rows = config.max_native_tokens
+    else:
+        native_rows = min(native_count, config.max_native_tokens)
     plans.append((config.native_scale_id, height, width, native_rows))
 
     total = sum(rows for *_, rows in plans)

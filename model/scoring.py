@@ -49,12 +49,14 @@ def planned_tokens(height: int, width: int, packing: PackingConfig) -> int:
     """The sequence length `pack` gives an image of this size, without packing it.
 
     Resized scales reserve a fixed ceil(L / P)^2 rows each; the native scale has one row per
-    patch (or exactly `max_native_tokens`). The count is symmetric in height and width, so the
+    patch (capped at `max_native_tokens`; exactly that many with `pad_native`). The count is symmetric in height and width, so the
     header size may be taken before or after EXIF orientation.
     """
     p = packing.patch_size
     resized = sum(packing.resized_scale_tokens(side) for side in packing.longer_sides)
-    native = -(-height // p) * -(-width // p) if packing.max_native_tokens < 0 else packing.max_native_tokens
+    native = -(-height // p) * -(-width // p)
+    if packing.max_native_tokens >= 0:
+        native = packing.max_native_tokens if packing.pad_native else min(native, packing.max_native_tokens)
     return resized + native
 
 

@@ -105,6 +105,7 @@ class _Entry(Generic[T, R]):
     enqueued: float
     deadline: float | None
     future: asyncio.Future[R] = field(repr=False)
+    timings: dict[str, float] | None = None
 
 
 class Batcher(Generic[T, R]):
@@ -168,11 +169,14 @@ class Batcher(Generic[T, R]):
             return 1.0
         return float(min(60, max(1, math.ceil(waiting / self._tokens_per_s))))
 
-    async def submit(self, item: T, tokens: int, *, timeout_s: float | None = None) -> R:
+    async def submit(
+        self, item: T, tokens: int, *, timeout_s: float | None = None, timings: dict[str, float] | None = None
+    ) -> R:
         """Queues `item` (costing `tokens` padded rows) and waits for its result.
 
         Raises QueueFull, ShuttingDown, ItemTooLarge at once; DeadlineExceeded when `timeout_s`
-        passes first. If the awaiting task is cancelled (client gone) the item is dropped.
+        passes first. If the awaiting task is cancelled (client gone) the item is dropped. A
+        `timings` dict receives the item's `queue_s` and its batch's `infer_s`.
         """
         if self._worker is None:
             raise RuntimeError("Batcher.start() was not awaited")
@@ -185,7 +189,8 @@ class Batcher(Generic[T, R]):
         now = self.clock()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         bucket = bisect.bisect_left(self.config.buckets, tokens)
-        entry = _Entry(item, tokens, bucket, now, now + timeout_s if timeout_s is not None else None, future)
+        deadline = now + timeout_s if timeout_s is not None else None
+        entry = _Entry(item, tokens, bucket, now, deadline, future, timings)
         self._buckets[bucket].append(entry)
         self._pending += 1
         assert self._wakeup is not None
@@ -298,6 +303,10 @@ class Batcher(Generic[T, R]):
         finally:
             self._in_flight -= len(batch)
         run_s = self.clock() - start
+        for e, wait in zip(batch, waits, strict=True):
+            if e.timings is not None:
+                e.timings["queue_s"] = wait
+                e.timings["infer_s"] = run_s
         if error is None and run_s > 0:
             rate = len(batch) * padded / run_s
             self._tokens_per_s = rate if self._tokens_per_s == 0 else 0.8 * self._tokens_per_s + 0.2 * rate

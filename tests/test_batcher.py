@@ -269,3 +269,14 @@ def test_a_failing_metrics_hook_does_not_stop_the_worker() -> None:
         await b.stop()
 
     run(main)
+
+
+def test_per_item_timings_are_reported() -> None:
+    async def main() -> None:
+        b, _ = await started(FakeModel(delay_s=0.02), max_queue_delay_s=0.01)
+        timings: dict[str, float] = {}
+        assert await b.submit(3, 10, timings=timings) == 30
+        assert timings["queue_s"] >= 0.009 and timings["infer_s"] >= 0.019
+        await b.stop()
+
+    run(main)

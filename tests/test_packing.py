@@ -231,3 +231,12 @@ def test_packing_properties(size: tuple[int, int], value: int) -> None:
             assert max(s.height, s.width) == cfg.longer_sides[s.scale_id]
             assert min(s.height, s.width) >= 1
     assert packed.num_valid == packed.mask.sum()
+
+
+def test_native_cap_without_padding() -> None:
+    img = image(384, 512, seed=1)
+    capped = pack(img, PackingConfig(max_native_tokens=300, pad_native=False))
+    assert capped.layout[-1].length == 192 and capped.num_tokens == 385  # a cap, no padding rows
+    cut = pack(img, PackingConfig(max_native_tokens=100, pad_native=False))
+    assert cut.layout[-1].length == 100 and cut.mask.all() == (cut.num_valid == cut.num_tokens)
+    assert PackingConfig.from_dict(PackingConfig(pad_native=False).to_dict()).pad_native is False

@@ -1,0 +1,29 @@
+"""`musiq serve`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve models over REST (settings also from MUSIQ_* variables)")
+    s.add_argument(
+        "--model", action="append", default=None, help="ONNX file to serve (repeatable; default: embedded)"
+    )
+    s.add_argument("--host", help="bind address (default 0.0.0.0)")
+    s.add_argument("--port", type=int, help="REST port (default 8000)")
+    s.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.rest import create_app
+    from service.settings import ServiceSettings
+
+    overrides = {
+        k: v for k, v in {"models": args.model, "host": args.host, "http_port": args.port}.items() if v
+    }
+    settings = ServiceSettings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_level="info")
+    return 0

@@ -1,0 +1,190 @@
+"""REST API (FastAPI): `POST /v1/score`, `GET /v1/models`, `/healthz`, `/readyz`.
+
+Every error has one JSON shape, `{"error": {"code", "message"}}`, and a 4xx status for anything
+the client can fix (429 and 503 carry `Retry-After`). Bodies are read up to the configured limit
+and refused beyond it (413) without buffering the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from service.core import ScoreResult, ScoringCore, ScoringError
+from service.settings import ServiceSettings
+
+
+class Timings(BaseModel):
+    decode_s: float
+    pack_s: float
+    queue_s: float
+    infer_s: float
+
+
+class ScoreResponse(BaseModel):
+    score: float = Field(examples=[62.4])
+    model: str = Field(examples=["musiq-clive-small"])
+    model_version: str = Field(examples=["1"])
+    tokens: int = Field(
+        description="tokens packed for the image (all scales, padding rows included)", examples=[449]
+    )
+    timings: Timings
+    distribution: list[float] | None = Field(
+        None, description="10-bin heads only: the opinion-score distribution"
+    )
+
+
+def error(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ScoringError(
+            413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {limit}"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ScoringError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def image_bytes(request: Request, limit: int) -> bytes:
+    """The image from a raw `image/*` / octet-stream body, or from multipart field `image`."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype.startswith("multipart/form-data"):
+        body = await read_body(request, limit)  # bounded before the parser sees it
+        bounded = Request(request.scope, receive=_receive_from(body))
+        try:
+            form = await bounded.form(max_files=1, max_fields=8)
+        except Exception as exc:  # malformed multipart, too many parts
+            raise ScoringError(400, "bad_multipart", f"malformed multipart body ({exc})") from exc
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise ScoringError(400, "missing_image", "multipart body has no file field named 'image'")
+        return await upload.read()
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return await read_body(request, limit)
+    raise ScoringError(
+        415,
+        "unsupported_media_type",
+        f"Content-Type {ctype or '(none)'} is not accepted: send the image as image/*, "
+        "application/octet-stream or multipart/form-data field 'image'",
+    )
+
+
+def _receive_from(body: bytes):  # type: ignore[no-untyped-def]
+    sent = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if sent:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
+
+
+def to_response(result: ScoreResult) -> ScoreResponse:
+    return ScoreResponse(
+        score=result.score,
+        model=result.model,
+        model_version=result.model_version,
+        tokens=result.tokens,
+        timings=Timings(
+            **{k: result.timings.get(k, 0.0) for k in ("decode_s", "pack_s", "queue_s", "infer_s")}
+        ),
+        distribution=list(result.distribution) if result.distribution is not None else None,
+    )
+
+
+def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+    settings = settings or ServiceSettings()
+    core = ScoringCore(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await core.start()
+        yield
+        await core.stop()
+
+    app = FastAPI(
+        title="MUSIQ image quality",
+        version="0.1.0",
+        description="Multi-scale image quality transformer (Ke et al., ICCV 2021), scored at native resolution.",
+        lifespan=lifespan,
+    )
+    app.state.core = core
+
+    @app.exception_handler(ScoringError)
+    async def scoring_error(request: Request, exc: ScoringError) -> JSONResponse:
+        return error(exc.status, exc.code, exc.message, exc.retry_after_s)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return error(400, "bad_request", f"{where}: {first.get('msg', 'invalid request')}")
+
+    @app.post(
+        "/v1/score",
+        response_model=ScoreResponse,
+        summary="Score one image",
+        description="Send the image as the raw body (Content-Type image/* or application/octet-stream) "
+        "or as multipart field `image`.",
+        responses={
+            400: {"description": "undecodable or truncated image"},
+            404: {"description": "unknown model"},
+            413: {"description": "body or image too large"},
+            415: {"description": "unsupported media type"},
+            429: {"description": "queue full; see Retry-After"},
+            504: {"description": "deadline passed"},
+        },
+    )
+    async def score(
+        request: Request,
+        model: Annotated[str | None, Query(description="model name (default: the server's default)")] = None,
+        max_native_tokens: Annotated[int | None, Query(ge=0, description="cap on native tokens")] = None,
+    ) -> ScoreResponse:
+        data = await image_bytes(request, settings.max_body_bytes)
+        return to_response(await core.score(data, model=model, max_native_tokens=max_native_tokens))
+
+    @app.get("/v1/models", summary="Loaded models and their metadata")
+    async def models() -> dict[str, Any]:
+        return {
+            "default": core.default,
+            "models": [
+                {
+                    "name": s.runtime.name,
+                    "path": str(s.runtime.path),
+                    "providers": s.runtime.providers,
+                    "metadata": {k: v for k, v in vars(s.runtime.metadata).items()},
+                }
+                for s in core.models.values()
+            ],
+        }
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: every model loaded and warmed up")
+    async def readyz() -> JSONResponse:
+        if core.ready:
+            return JSONResponse({"status": "ready", "models": sorted(core.models)})
+        return error(503, "not_ready", "models are loading or the server is stopping", retry_after_s=1)
+
+    return app

@@ -1,0 +1,50 @@
+"""All service settings in one object, from `MUSIQ_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from model.checkpoint import EMBEDDED_DEFAULT
+from model.decode import DEFAULT_MAX_PIXELS
+from service.batcher import BatcherConfig
+
+EMBEDDED_ONNX = EMBEDDED_DEFAULT.with_suffix(".onnx")
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MUSIQ_", env_file=None, extra="ignore")
+
+    models: list[Path] = Field(
+        default_factory=list, description="ONNX files to serve (default: the embedded model)"
+    )
+    default_model: str = Field(
+        "", description="name of the model used when a request names none (default: the first)"
+    )
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    max_body_bytes: int = Field(32 * 2**20, description="largest accepted request body")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, description="largest accepted image (from its header)")
+    request_timeout_s: float = Field(30.0, description="deadline for one image, queue wait included")
+    max_native_tokens: int = Field(512, description="server cap on native-resolution tokens (-1: none)")
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 32
+    max_queue_delay_s: float = 0.004
+    max_queue_items: int = 512
+    decode_threads: int = 2
+    intra_op_threads: int = 0
+    pad_multiple: int = 1
+    providers: list[str] = Field(default_factory=list)
+
+    def model_paths(self) -> list[Path]:
+        return list(self.models) or [EMBEDDED_ONNX]
+
+    def batcher_config(self) -> BatcherConfig:
+        return BatcherConfig(
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay_s=self.max_queue_delay_s,
+            max_queue_items=self.max_queue_items,
+        )

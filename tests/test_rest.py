@@ -1,0 +1,219 @@
+"""The REST API on a real uvicorn server on 127.0.0.1, driven by httpx."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from PIL import Image
+
+from model.decode import decode_image
+from model.packing import pack
+from service.rest import create_app
+from service.runtime import ModelRuntime
+from service.settings import EMBEDDED_ONNX, ServiceSettings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    settings = ServiceSettings(max_body_bytes=2_000_000, max_pixels=4_000_000, decode_threads=2)
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    else:
+        raise RuntimeError("server did not become ready")
+    yield url
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+def jpeg(h: int = 200, w: int = 300, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code and body["error"]["message"]
+
+
+def test_score_raw_body_equals_the_runtime(server: str) -> None:
+    data = jpeg()
+    r = httpx.post(f"{server}/v1/score", content=data, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    runtime = ModelRuntime(EMBEDDED_ONNX)
+    packing = runtime.packing
+    expected = runtime.predict([pack(decode_image(data), packing)])[0].score
+    assert body["score"] == pytest.approx(expected, abs=1e-5)
+    assert body["model"] == "musiq-clive-small" and body["model_version"] == "1"
+    assert body["tokens"] == 49 + 144 + 70
+    assert set(body["timings"]) == {"decode_s", "pack_s", "queue_s", "infer_s"}
+    assert body["timings"]["infer_s"] > 0
+
+
+def test_score_multipart(server: str) -> None:
+    data = jpeg(seed=1)
+    raw = httpx.post(
+        f"{server}/v1/score", content=data, headers={"Content-Type": "application/octet-stream"}, timeout=60
+    )
+    form = httpx.post(f"{server}/v1/score", files={"image": ("a.jpg", data, "image/jpeg")}, timeout=60)
+    assert form.status_code == 200 and form.json()["score"] == raw.json()["score"]
+    missing = httpx.post(f"{server}/v1/score", files={"other": ("a.jpg", data, "image/jpeg")}, timeout=60)
+    assert_error(missing, 400, "missing_image")
+
+
+def test_bad_inputs_are_4xx_with_a_reason(server: str) -> None:
+    url = f"{server}/v1/score"
+    assert_error(
+        httpx.post(url, content=b"hello", headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
+    assert_error(httpx.post(url, content=b"", headers={"Content-Type": "image/png"}), 400, "empty_body")
+    assert_error(
+        httpx.post(url, content=b"\x00garbage" * 10, headers={"Content-Type": "image/png"}),
+        415,
+        "image_unrecognised",
+    )
+    cut = jpeg()[:3000]
+    assert_error(httpx.post(url, content=cut, headers={"Content-Type": "image/jpeg"}), 400, "image_corrupt")
+    big = b"\xff" * 2_000_001
+    assert_error(httpx.post(url, content=big, headers={"Content-Type": "image/jpeg"}), 413, "body_too_large")
+    assert_error(
+        httpx.post(f"{url}?model=nope", content=jpeg(), headers={"Content-Type": "image/jpeg"}),
+        404,
+        "unknown_model",
+    )
+    assert_error(
+        httpx.post(f"{url}?max_native_tokens=-3", content=jpeg(), headers={"Content-Type": "image/jpeg"}),
+        400,
+        "bad_request",
+    )
+
+
+def test_decompression_bomb_is_refused_from_its_header(server: str) -> None:
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        )
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+    r = httpx.post(f"{server}/v1/score", content=png, headers={"Content-Type": "image/png"}, timeout=30)
+    assert_error(r, 413, "image_too_large")
+    assert "30000x30000" in r.json()["error"]["message"]
+
+
+def test_native_token_cap(server: str) -> None:
+    r = httpx.post(
+        f"{server}/v1/score?max_native_tokens=10",
+        content=jpeg(),
+        headers={"Content-Type": "image/jpeg"},
+        timeout=60,
+    )
+    assert r.status_code == 200 and r.json()["tokens"] == 49 + 144 + 10
+    too_many = httpx.post(
+        f"{server}/v1/score?max_native_tokens=100000", content=jpeg(), headers={"Content-Type": "image/jpeg"}
+    )
+    assert_error(too_many, 400, "bad_request")
+
+
+def test_health_ready_models_and_openapi(server: str) -> None:
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    assert httpx.get(f"{server}/readyz").json()["status"] == "ready"
+    models = httpx.get(f"{server}/v1/models").json()
+    assert models["default"] == "musiq-clive-small"
+    meta = models["models"][0]["metadata"]
+    assert (
+        meta["patch_size"] == 32
+        and meta["precision"] == "fp32"
+        and Path(models["models"][0]["path"]).name == "default.onnx"
+    )
+    spec = httpx.get(f"{server}/openapi.json").json()
+    assert "/v1/score" in spec["paths"]
+
+
+def test_concurrent_requests_are_batched_and_all_answered(server: str) -> None:
+    images = [jpeg(120 + 10 * i, 160, seed=i) for i in range(12)]
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        responses = list(
+            pool.map(
+                lambda d: httpx.post(
+                    f"{server}/v1/score", content=d, headers={"Content-Type": "image/jpeg"}, timeout=120
+                ),
+                images,
+            )
+        )
+    assert all(r.status_code == 200 for r in responses)
+    runtime = ModelRuntime(EMBEDDED_ONNX)
+    for data, r in zip(images, responses, strict=True):
+        expected = runtime.predict([pack(decode_image(data), runtime.packing)])[0].score
+        assert r.json()["score"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_musiq_serve_starts_on_the_embedded_model() -> None:
+    import subprocess
+    import sys
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/score",
+            content=jpeg(),
+            headers={"Content-Type": "image/jpeg"},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["model"] == "musiq-clive-small"
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=30)
+    # uvicorn shuts down gracefully on SIGTERM (lifespan end: batchers drained), then re-raises
+    # the signal so the exit status says why it stopped.
+    log = proc.stdout.read().decode() if proc.stdout else ""
+    assert code in (0, -15) and "Application shutdown complete" in log, log
