@@ -15,6 +15,7 @@ from model.config import PackingConfig
 from model.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from model.packing import PackedImage, pack
 from service.batcher import Batcher, DeadlineExceeded, ItemTooLarge, QueueFull, ShuttingDown
+from service.metrics import ServiceMetrics
 from service.runtime import ModelRuntime, Prediction, RuntimeOptions
 from service.settings import ServiceSettings
 
@@ -51,6 +52,7 @@ class ScoringCore:
     default: str = ""
     ready: bool = False
     pool: ThreadPoolExecutor | None = None
+    metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
 
     async def start(self) -> None:
         """Loads every model, proves each with a warm-up inference, then starts its batcher."""
@@ -68,10 +70,19 @@ class ScoringCore:
                 )
             await asyncio.to_thread(runtime.warm_up)
             batcher: Batcher[PackedImage, Prediction] = Batcher(
-                runtime.predict, self.settings.batcher_config()
+                runtime.predict,
+                self.settings.batcher_config(),
+                on_batch=self.metrics.batch_hook(runtime.name),
             )
             await batcher.start()
             self.models[runtime.name] = ServedModel(runtime, batcher)
+            meta = runtime.metadata
+            self.metrics.model_info.labels(meta.name, meta.version, meta.precision, runtime.providers[0]).set(
+                1
+            )
+        self.metrics.watch_queues(
+            lambda: [(name, s.batcher.depth, s.batcher.in_flight) for name, s in self.models.items()]
+        )
         self.default = self.settings.default_model or next(iter(self.models))
         if self.default not in self.models:
             raise ValueError(f"default model {self.default!r} is not among {sorted(self.models)}")
@@ -132,6 +143,8 @@ class ScoringCore:
         except ImageDecodeError as exc:
             status = 415 if exc.reason == "unrecognised" else 400
             raise ScoringError(status, f"image_{exc.reason}", str(exc)) from exc
+        self.metrics.decode_seconds.observe(decode_s)
+        self.metrics.pack_seconds.observe(pack_s)
         tokens = served.runtime.padded_length(packed.num_tokens)
         timings: dict[str, float] = {"decode_s": decode_s, "pack_s": pack_s}
         try:

@@ -8,13 +8,15 @@ and refused beyond it (413) without buffering the rest.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from service.core import ScoreResult, ScoringCore, ScoringError
@@ -128,13 +130,27 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.core = core
+    metrics = core.metrics
+
+    @app.middleware("http")
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "other")  # the template: bounded cardinality
+        metrics.requests.labels("http", route, str(response.status_code)).inc()
+        metrics.request_seconds.labels("http", route).observe(time.perf_counter() - start)
+        return response
 
     @app.exception_handler(ScoringError)
     async def scoring_error(request: Request, exc: ScoringError) -> JSONResponse:
+        metrics.rejected.labels(exc.code).inc()
         return error(exc.status, exc.code, exc.message, exc.retry_after_s)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.rejected.labels("bad_request").inc()
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         return error(400, "bad_request", f"{where}: {first.get('msg', 'invalid request')}")
@@ -176,6 +192,10 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 for s in core.models.values()
             ],
         }
+
+    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:

@@ -217,3 +217,45 @@ def test_musiq_serve_starts_on_the_embedded_model() -> None:
     # the signal so the exit status says why it stopped.
     log = proc.stdout.read().decode() if proc.stdout else ""
     assert code in (0, -15) and "Application shutdown complete" in log, log
+
+
+def test_metrics_are_promtool_clean_and_count_what_happened(server: str) -> None:
+    import shutil
+    import subprocess
+
+    httpx.post(f"{server}/v1/score", content=jpeg(seed=5), headers={"Content-Type": "image/jpeg"}, timeout=60)
+    httpx.post(f"{server}/v1/score", content=b"nope", headers={"Content-Type": "text/plain"})
+    text = httpx.get(f"{server}/metrics").text
+    for name in (
+        "musiq_requests_total",
+        "musiq_request_duration_seconds_bucket",
+        "musiq_decode_duration_seconds_bucket",
+        "musiq_pack_duration_seconds_bucket",
+        "musiq_queue_wait_seconds_bucket",
+        "musiq_inference_duration_seconds_bucket",
+        "musiq_batch_size_bucket",
+        "musiq_batch_tokens_bucket",
+        "musiq_real_tokens_total",
+        "musiq_computed_tokens_total",
+        "musiq_queue_depth",
+        "musiq_in_flight",
+        "musiq_rejected_requests_total",
+        "musiq_model_info",
+    ):
+        assert name in text, name
+    assert 'musiq_requests_total{code="200",protocol="http",route="/v1/score"}' in text
+    assert 'musiq_rejected_requests_total{reason="unsupported_media_type"}' in text
+    real = float(
+        next(ln for ln in text.splitlines() if ln.startswith("musiq_real_tokens_total{")).split()[-1]
+    )
+    computed = float(
+        next(ln for ln in text.splitlines() if ln.startswith("musiq_computed_tokens_total{")).split()[-1]
+    )
+    assert 0 < real <= computed
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it)")
+    check = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
