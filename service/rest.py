@@ -7,6 +7,9 @@ and refused beyond it (413) without buffering the rest.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,6 +44,36 @@ class ScoreResponse(BaseModel):
     distribution: list[float] | None = Field(
         None, description="10-bin heads only: the opinion-score distribution"
     )
+
+
+class BatchItem(BaseModel):
+    id: str = Field(description="the client's id, echoed in the result", examples=["img-001"])
+    image: str = Field(description="the image file, base64-encoded")
+
+
+class BatchRequest(BaseModel):
+    items: list[BatchItem]
+    model: str | None = None
+    max_native_tokens: int | None = Field(None, ge=0)
+
+
+class ItemError(BaseModel):
+    code: str
+    message: str
+
+
+class BatchResult(BaseModel):
+    id: str
+    score: float | None = None
+    model: str | None = None
+    model_version: str | None = None
+    tokens: int | None = None
+    distribution: list[float] | None = None
+    error: ItemError | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchResult] = Field(description="one per item, in request order")
 
 
 def error(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
@@ -177,6 +210,86 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     ) -> ScoreResponse:
         data = await image_bytes(request, settings.max_body_bytes)
         return to_response(await core.score(data, model=model, max_native_tokens=max_native_tokens))
+
+    @app.post(
+        "/v1/score:batch",
+        response_model=BatchResponse,
+        summary="Score many images",
+        description="JSON `{items: [{id, image: base64}], model?, max_native_tokens?}`, or multipart with "
+        "one file per image (the file name is the id). Results come in request order; a bad item gets its "
+        "own error and does not fail the others.",
+    )
+    async def score_batch(
+        request: Request,
+        model: Annotated[str | None, Query(description="model name (multipart requests)")] = None,
+        max_native_tokens: Annotated[int | None, Query(ge=0)] = None,
+    ) -> BatchResponse:
+        limit = settings.max_batch_items
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await read_body(request, settings.max_body_bytes)
+        items: list[tuple[str, bytes | ScoringError]] = []
+        if ctype == "application/json":
+            try:
+                parsed = BatchRequest.model_validate_json(body)
+            except ValueError as exc:
+                raise ScoringError(400, "bad_request", f"invalid batch JSON ({exc})") from exc
+            model = parsed.model or model
+            max_native_tokens = (
+                parsed.max_native_tokens if parsed.max_native_tokens is not None else max_native_tokens
+            )
+            for it in parsed.items:
+                try:
+                    items.append((it.id, base64.b64decode(it.image, validate=True)))
+                except (binascii.Error, ValueError):
+                    items.append((it.id, ScoringError(400, "bad_base64", "image is not valid base64")))
+        elif ctype == "multipart/form-data":
+            try:
+                form = await Request(request.scope, receive=_receive_from(body)).form(
+                    max_files=limit, max_fields=limit + 4
+                )
+            except Exception as exc:
+                raise ScoringError(400, "bad_multipart", f"malformed multipart body ({exc})") from exc
+            for key, value in form.multi_items():
+                if not isinstance(value, str):
+                    items.append((value.filename or key, await value.read()))
+        else:
+            raise ScoringError(415, "unsupported_media_type", "send application/json or multipart/form-data")
+        if not items:
+            raise ScoringError(400, "empty_batch", "the batch has no images")
+        if len(items) > limit:
+            raise ScoringError(413, "too_many_items", f"{len(items)} images; at most {limit} per request")
+        core.model(model)  # an unknown model fails the whole request (404), not every item
+
+        async def one(data: bytes | ScoringError) -> ScoreResult:
+            if isinstance(data, ScoringError):
+                raise data
+            return await core.score(data, model=model, max_native_tokens=max_native_tokens)
+
+        outcomes = await asyncio.gather(*(one(data) for _, data in items), return_exceptions=True)
+        results = []
+        for (item_id, _), outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, ScoringError):
+                metrics.rejected.labels(outcome.code).inc()
+                results.append(
+                    BatchResult(id=item_id, error=ItemError(code=outcome.code, message=outcome.message))
+                )
+            elif isinstance(outcome, BaseException):
+                results.append(
+                    BatchResult(id=item_id, error=ItemError(code="internal", message=type(outcome).__name__))
+                )
+            else:
+                r = to_response(outcome)
+                results.append(
+                    BatchResult(
+                        id=item_id,
+                        score=r.score,
+                        model=r.model,
+                        model_version=r.model_version,
+                        tokens=r.tokens,
+                        distribution=r.distribution,
+                    )
+                )
+        return BatchResponse(results=results)
 
     @app.get("/v1/models", summary="Loaded models and their metadata")
     async def models() -> dict[str, Any]:

@@ -28,6 +28,7 @@ class ServiceSettings(BaseSettings):
     max_body_bytes: int = Field(32 * 2**20, description="largest accepted request body")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, description="largest accepted image (from its header)")
     request_timeout_s: float = Field(30.0, description="deadline for one image, queue wait included")
+    max_batch_items: int = Field(64, description="images in one /v1/score:batch request")
     max_native_tokens: int = Field(512, description="server cap on native-resolution tokens (-1: none)")
     max_batch_tokens: int = 16384
     max_batch_size: int = 32

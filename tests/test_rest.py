@@ -259,3 +259,46 @@ def test_metrics_are_promtool_clean_and_count_what_happened(server: str) -> None
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_batch_json_and_multipart_keep_order_and_isolate_bad_items(server: str) -> None:
+    import base64
+
+    images = [jpeg(100 + 20 * i, 150, seed=10 + i) for i in range(3)]
+    singles = [
+        httpx.post(
+            f"{server}/v1/score", content=d, headers={"Content-Type": "image/jpeg"}, timeout=60
+        ).json()["score"]
+        for d in images
+    ]
+    items = [{"id": f"img{i}", "image": base64.b64encode(d).decode()} for i, d in enumerate(images)]
+    items.insert(1, {"id": "broken", "image": base64.b64encode(b"not an image").decode()})
+    items.append({"id": "notb64", "image": "%%%"})
+    r = httpx.post(f"{server}/v1/score:batch", json={"items": items}, timeout=120)
+    assert r.status_code == 200, r.text
+    results = r.json()["results"]
+    assert [x["id"] for x in results] == ["img0", "broken", "img1", "img2", "notb64"]
+    assert [x["score"] for x in results if x["error"] is None] == pytest.approx(singles, abs=1e-5)
+    assert results[1]["error"]["code"] == "image_unrecognised" and results[4]["error"]["code"] == "bad_base64"
+    files = [("image", (f"f{i}.jpg", d, "image/jpeg")) for i, d in enumerate(images)]
+    form = httpx.post(f"{server}/v1/score:batch", files=files, timeout=120).json()["results"]
+    assert [x["id"] for x in form] == ["f0.jpg", "f1.jpg", "f2.jpg"]
+    assert [x["score"] for x in form] == pytest.approx(singles, abs=1e-5)
+
+
+def test_batch_limits(server: str) -> None:
+    assert_error(httpx.post(f"{server}/v1/score:batch", json={"items": []}), 400, "empty_batch")
+    many = [{"id": str(i), "image": "AA=="} for i in range(65)]
+    assert_error(httpx.post(f"{server}/v1/score:batch", json={"items": many}), 413, "too_many_items")
+    assert_error(
+        httpx.post(f"{server}/v1/score:batch", content=b"{", headers={"Content-Type": "application/json"}),
+        400,
+        "bad_request",
+    )
+    bad_model = {"items": [{"id": "a", "image": "AA=="}], "model": "nope"}
+    assert_error(httpx.post(f"{server}/v1/score:batch", json=bad_model), 404, "unknown_model")
+    assert_error(
+        httpx.post(f"{server}/v1/score:batch", content=b"x", headers={"Content-Type": "text/plain"}),
+        415,
+        "unsupported_media_type",
+    )
