@@ -302,3 +302,86 @@ def test_batch_limits(server: str) -> None:
         415,
         "unsupported_media_type",
     )
+
+
+def start_server(settings: ServiceSettings) -> tuple[uvicorn.Server, threading.Thread, str]:
+    port = free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return srv, thread, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("server did not become ready")
+
+
+def test_several_models_at_once_and_graceful_shutdown(tmp_path: Path) -> None:
+    import concurrent.futures
+
+    from export.exporter import export_checkpoint
+    from export.photos import distorted_photos
+    from model.checkpoint import save_checkpoint
+    from model.network import to_checkpoint
+    from tests.test_network import TINY, randomised
+
+    ckpt = save_checkpoint(
+        to_checkpoint(randomised(TINY), name="tiny-dist-free", version="3"), tmp_path / "t.safetensors"
+    )
+    tiny = export_checkpoint(
+        ckpt,
+        tmp_path / "tiny.onnx",
+        photos=distorted_photos(limit=2, longer_side=96),
+        shapes=((1, 5, "none"),),
+        log=lambda s: None,
+    ).path
+    # a long queue delay keeps the shutdown-time requests waiting in the batcher
+    srv, thread, url = start_server(ServiceSettings(models=[EMBEDDED_ONNX, tiny], max_queue_delay_s=1.0))
+    try:
+        names = {m["name"] for m in httpx.get(f"{url}/v1/models").json()["models"]}
+        assert names == {"musiq-clive-small", "tiny-dist-free"}
+        data = jpeg(seed=3)
+        a = httpx.post(
+            f"{url}/v1/score", content=data, headers={"Content-Type": "image/jpeg"}, timeout=60
+        ).json()
+        b = httpx.post(
+            f"{url}/v1/score?model=tiny-dist-free",
+            content=data,
+            headers={"Content-Type": "image/jpeg"},
+            timeout=60,
+        ).json()
+        assert (a["model"], b["model"], b["model_version"]) == ("musiq-clive-small", "tiny-dist-free", "3")
+        expected = ModelRuntime(tiny).predict([pack(decode_image(data), ModelRuntime(tiny).packing)])[0].score
+        assert b["score"] == pytest.approx(expected, abs=1e-5)
+
+        # Shutdown while requests are queued: every accepted request still gets its score.
+        images = [jpeg(150, 150 + 5 * i, seed=20 + i) for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [
+                pool.submit(
+                    httpx.post,
+                    f"{url}/v1/score",
+                    content=d,
+                    headers={"Content-Type": "image/jpeg"},
+                    timeout=60,
+                )
+                for d in images
+            ]
+            time.sleep(0.3)
+            core = srv.config.app.state.core if hasattr(srv.config.app, "state") else None
+            queued = sum(m.batcher.depth + m.batcher.in_flight for m in core.models.values()) if core else -1
+            srv.should_exit = True
+            codes = [f.result().status_code for f in futures]
+        assert queued > 0  # the shutdown really began with accepted work outstanding
+        assert codes == [200] * len(images)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=60)
+    assert not thread.is_alive()
