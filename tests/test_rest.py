@@ -30,12 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    settings = ServiceSettings(max_body_bytes=2_000_000, max_pixels=4_000_000, decode_threads=2)
+def start_server(settings: ServiceSettings) -> tuple[uvicorn.Server, threading.Thread, str]:
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -43,12 +42,18 @@ def server() -> Iterator[str]:
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
+                return srv, thread, url
         except httpx.HTTPError:
             pass
         time.sleep(0.1)
-    else:
-        raise RuntimeError("server did not become ready")
+    raise RuntimeError("server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    srv, thread, url = start_server(
+        ServiceSettings(max_body_bytes=2_000_000, max_pixels=4_000_000, decode_threads=2)
+    )
     yield url
     srv.should_exit = True
     thread.join(timeout=30)
@@ -302,25 +307,6 @@ def test_batch_limits(server: str) -> None:
         415,
         "unsupported_media_type",
     )
-
-
-def start_server(settings: ServiceSettings) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return srv, thread, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("server did not become ready")
 
 
 def test_several_models_at_once_and_graceful_shutdown(tmp_path: Path) -> None:
