@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PARITY_VENV ?= .venv-parity
 PARITY_STAMP := $(PARITY_VENV)/.installed
 
-.PHONY: install install-parity test test-fast parity lint format bench default-model brisque-compare clean
+.PHONY: install install-parity test test-fast parity lint format protos bench default-model brisque-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ test-fast: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Regenerate the gRPC code from protos/ (tests/test_grpc.py checks it is in sync).
+protos: $(STAMP)
+	$(BIN)/python tools/gen_protos.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/pack_speed.py

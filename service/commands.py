@@ -12,6 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--host", help="bind address (default 0.0.0.0)")
     s.add_argument("--port", type=int, help="REST port (default 8000)")
+    s.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0: any free port)")
     s.set_defaults(handler=cmd_serve)
 
 

@@ -125,8 +125,14 @@ class ScoringCore:
         return packed, t1 - t0, time.perf_counter() - t1
 
     async def score(
-        self, data: bytes, *, model: str | None = None, max_native_tokens: int | None = None
+        self,
+        data: bytes,
+        *,
+        model: str | None = None,
+        max_native_tokens: int | None = None,
+        timeout_s: float | None = None,
     ) -> ScoreResult:
+        """Scores one encoded image; `timeout_s` (default: the configured one) bounds the wait."""
         if not self.ready:
             raise ScoringError(503, "not_ready", "the service is not ready", retry_after_s=1)
         served = self.model(model)
@@ -149,7 +155,10 @@ class ScoringCore:
         timings: dict[str, float] = {"decode_s": decode_s, "pack_s": pack_s}
         try:
             prediction = await served.batcher.submit(
-                packed, tokens, timeout_s=self.settings.request_timeout_s, timings=timings
+                packed,
+                tokens,
+                timeout_s=self.settings.request_timeout_s if timeout_s is None else timeout_s,
+                timings=timings,
             )
         except QueueFull as exc:
             raise ScoringError(429, "queue_full", str(exc), retry_after_s=exc.retry_after_s) from exc

@@ -152,8 +152,16 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        """One process, both protocols, one core: gRPC starts and stops with the REST app."""
+        from service.grpc_server import start_grpc, stop_grpc
+
         await core.start()
+        grpc_server = None
+        if settings.grpc_enabled:
+            grpc_server, app.state.grpc_port = await start_grpc(core, settings.host, settings.grpc_port)
         yield
+        if grpc_server is not None:
+            await stop_grpc(grpc_server, settings.shutdown_grace_s)
         await core.stop()
 
     app = FastAPI(

@@ -25,6 +25,9 @@ class ServiceSettings(BaseSettings):
     )
     host: str = "0.0.0.0"
     http_port: int = 8000
+    grpc_port: int = Field(50051, description="gRPC port (0: any free port)")
+    grpc_enabled: bool = True
+    shutdown_grace_s: float = Field(30.0, description="how long running gRPC calls may finish on shutdown")
     max_body_bytes: int = Field(32 * 2**20, description="largest accepted request body")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, description="largest accepted image (from its header)")
     request_timeout_s: float = Field(30.0, description="deadline for one image, queue wait included")

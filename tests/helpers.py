@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 
 def musiq(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -16,3 +20,35 @@ def musiq(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProces
         timeout=timeout,
         check=False,
     )
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now, on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(settings: Any) -> tuple[Any, threading.Thread, str]:
+    """A real uvicorn server on 127.0.0.1 in a thread, returned once /readyz says ready."""
+    import httpx
+    import uvicorn
+
+    from service.rest import create_app
+
+    port = free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return srv, thread, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("server did not become ready")

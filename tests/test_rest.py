@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import io
-import socket
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -14,45 +12,21 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from model.decode import decode_image
 from model.packing import pack
-from service.rest import create_app
 from service.runtime import ModelRuntime
 from service.settings import EMBEDDED_ONNX, ServiceSettings
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(settings: ServiceSettings) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = free_port()
-    srv = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return srv, thread, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("server did not become ready")
+from tests.helpers import free_port, start_server
 
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
     srv, thread, url = start_server(
-        ServiceSettings(max_body_bytes=2_000_000, max_pixels=4_000_000, decode_threads=2)
+        ServiceSettings(
+            max_body_bytes=2_000_000, max_pixels=4_000_000, decode_threads=2, grpc_port=0, host="127.0.0.1"
+        )
     )
     yield url
     srv.should_exit = True
@@ -195,7 +169,18 @@ def test_musiq_serve_starts_on_the_embedded_model() -> None:
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--grpc-port",
+            "0",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
@@ -329,7 +314,9 @@ def test_several_models_at_once_and_graceful_shutdown(tmp_path: Path) -> None:
         log=lambda s: None,
     ).path
     # a long queue delay keeps the shutdown-time requests waiting in the batcher
-    srv, thread, url = start_server(ServiceSettings(models=[EMBEDDED_ONNX, tiny], max_queue_delay_s=1.0))
+    srv, thread, url = start_server(
+        ServiceSettings(models=[EMBEDDED_ONNX, tiny], max_queue_delay_s=1.0, grpc_port=0, host="127.0.0.1")
+    )
     try:
         names = {m["name"] for m in httpx.get(f"{url}/v1/models").json()["models"]}
         assert names == {"musiq-clive-small", "tiny-dist-free"}
