@@ -12,7 +12,7 @@ import base64
 import binascii
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
 from service.core import ScoreResult, ScoringCore, ScoringError
+from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
 
@@ -133,6 +134,24 @@ def _receive_from(body: bytes):  # type: ignore[no-untyped-def]
     return receive
 
 
+async def unless_disconnected(
+    request: Request, work: Awaitable[ScoreResult], poll_s: float = 0.05
+) -> ScoreResult:
+    """Runs `work`, cancelling it if the client goes away: its queued image then costs nothing."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll_s)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                raise ScoringError(499, "client_closed", "the client closed the connection")
+    finally:
+        if not task.done():
+            task.cancel()
+
+
 def to_response(result: ScoreResult) -> ScoreResponse:
     return ScoreResponse(
         score=result.score,
@@ -144,6 +163,36 @@ def to_response(result: ScoreResult) -> ScoreResponse:
         ),
         distribution=list(result.distribution) if result.distribution is not None else None,
     )
+
+
+class RequestMetrics:
+    """Counts and times every HTTP request by route template and final status code.
+
+    Pure ASGI rather than `BaseHTTPMiddleware`: that one hides the client's disconnect from the
+    handlers, and abandoned requests must be noticed to drop their queued images.
+    """
+
+    def __init__(self, app: Any, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), [500]
+
+        async def send_status(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "other")  # the template: bounded cardinality
+            self.metrics.requests.labels("http", route, str(status[0])).inc()
+            self.metrics.request_seconds.labels("http", route).observe(time.perf_counter() - start)
 
 
 def create_app(settings: ServiceSettings | None = None) -> FastAPI:
@@ -172,17 +221,6 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
     )
     app.state.core = core
     metrics = core.metrics
-
-    @app.middleware("http")
-    async def count_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "other")  # the template: bounded cardinality
-        metrics.requests.labels("http", route, str(response.status_code)).inc()
-        metrics.request_seconds.labels("http", route).observe(time.perf_counter() - start)
-        return response
 
     @app.exception_handler(ScoringError)
     async def scoring_error(request: Request, exc: ScoringError) -> JSONResponse:
@@ -217,7 +255,8 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         max_native_tokens: Annotated[int | None, Query(ge=0, description="cap on native tokens")] = None,
     ) -> ScoreResponse:
         data = await image_bytes(request, settings.max_body_bytes)
-        return to_response(await core.score(data, model=model, max_native_tokens=max_native_tokens))
+        work = core.score(data, model=model, max_native_tokens=max_native_tokens)
+        return to_response(await unless_disconnected(request, work))
 
     @app.post(
         "/v1/score:batch",
@@ -328,4 +367,5 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             return JSONResponse({"status": "ready", "models": sorted(core.models)})
         return error(503, "not_ready", "models are loading or the server is stopping", retry_after_s=1)
 
+    app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -358,3 +358,82 @@ def test_several_models_at_once_and_graceful_shutdown(tmp_path: Path) -> None:
         srv.should_exit = True
         thread.join(timeout=60)
     assert not thread.is_alive()
+
+
+def test_queue_full_is_429_with_retry_after_and_deadline_is_504() -> None:
+    import concurrent.futures
+
+    # One batch at a time, each waiting a full second for company: the queue fills at once.
+    settings = ServiceSettings(
+        grpc_port=0,
+        host="127.0.0.1",
+        max_queue_items=2,
+        max_queue_delay_s=1.0,
+        max_batch_size=64,
+        request_timeout_s=5,
+    )
+    srv, thread, url = start_server(settings)
+    try:
+        images = [jpeg(seed=40 + i) for i in range(6)]
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            responses = list(
+                pool.map(
+                    lambda d: httpx.post(
+                        f"{url}/v1/score", content=d, headers={"Content-Type": "image/jpeg"}, timeout=60
+                    ),
+                    images,
+                )
+            )
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) >= 2 and 429 in codes and set(codes) <= {200, 429}
+        refused = next(r for r in responses if r.status_code == 429)
+        assert_error(refused, 429, "queue_full")
+        assert int(refused.headers["Retry-After"]) >= 1
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+    srv, thread, url = start_server(
+        ServiceSettings(grpc_port=0, host="127.0.0.1", max_queue_delay_s=1.0, request_timeout_s=0.2)
+    )
+    try:
+        r = httpx.post(f"{url}/v1/score", content=jpeg(), headers={"Content-Type": "image/jpeg"}, timeout=30)
+        assert_error(r, 504, "deadline_exceeded")
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_a_client_that_leaves_costs_no_inference() -> None:
+    settings = ServiceSettings(grpc_port=0, host="127.0.0.1", max_queue_delay_s=1.5, request_timeout_s=10)
+    srv, thread, url = start_server(settings)
+    try:
+        core = srv.config.app.state.core
+        before = core.metrics.computed_tokens.labels("musiq-clive-small")._value.get()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{url}/v1/score", content=jpeg(seed=50), headers={"Content-Type": "image/jpeg"}, timeout=0.4
+            )
+        time.sleep(2.0)  # past the queue delay: the batch would have run by now
+        after = core.metrics.computed_tokens.labels("musiq-clive-small")._value.get()
+        assert after == before  # the abandoned image was dropped from the queue, never computed
+        assert core.models["musiq-clive-small"].batcher.depth == 0
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_rest_equals_musiq_score_on_the_source_checkpoint(server: str, tmp_path: Path) -> None:
+    import json
+
+    from model.checkpoint import EMBEDDED_DEFAULT
+    from tests.helpers import musiq
+
+    path = tmp_path / "x.jpg"
+    path.write_bytes(jpeg(230, 310, seed=60))
+    cli = musiq("score", "--checkpoint", EMBEDDED_DEFAULT, path)
+    assert cli.returncode == 0, cli.stderr
+    rest = httpx.post(
+        f"{server}/v1/score", content=path.read_bytes(), headers={"Content-Type": "image/jpeg"}, timeout=60
+    )
+    assert rest.json()["score"] == pytest.approx(json.loads(cli.stdout)["score"], abs=1e-4)  # ONNX parity
