@@ -1,4 +1,5 @@
-"""REST API (FastAPI): `POST /v1/score`, `GET /v1/models`, `/healthz`, `/readyz`.
+"""REST API (FastAPI): `POST /v1/score`, `POST /v1/score:batch`, `GET /v1/models`, `/healthz`,
+`/readyz`, `/metrics`; its lifespan also runs the gRPC server over the same scoring core.
 
 Every error has one JSON shape, `{"error": {"code", "message"}}`, and a 4xx status for anything
 the client can fix (429 and 503 carry `Retry-After`). Bodies are read up to the configured limit
