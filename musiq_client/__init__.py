@@ -1,0 +1,341 @@
+"""Python client for the MUSIQ scoring service: REST (sync and async) and gRPC.
+
+Needs only httpx (and grpcio for gRPC): no torch, no numpy. Retries 429 and 503 (gRPC
+RESOURCE_EXHAUSTED / UNAVAILABLE) with exponential backoff, honouring the server's Retry-After.
+
+    from musiq_client import Client
+    client = Client("http://localhost:8000")
+    client.score("photo.jpg").score
+    results = client.score_many(paths, concurrency=8)   # in order; failures are MusiqError values
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+__all__ = ["AsyncClient", "Client", "GrpcClient", "MusiqError", "ScoreResult"]
+
+ImageInput = str | os.PathLike[str] | bytes
+RETRYABLE_HTTP = {429, 503}
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    score: float
+    model: str
+    model_version: str
+    tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+    distribution: tuple[float, ...] | None = None
+    id: str = ""
+
+
+class MusiqError(Exception):
+    """What the service refused, with its error code (e.g. "image_corrupt") and HTTP-like status."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def _read(image: ImageInput) -> bytes:
+    return bytes(image) if isinstance(image, bytes | bytearray) else Path(image).read_bytes()
+
+
+def _delay(attempt: int, backoff_s: float, retry_after_s: float | None) -> float:
+    """The server's Retry-After when given, else exponential backoff with jitter."""
+    if retry_after_s is not None:
+        return retry_after_s
+    return backoff_s * (2**attempt) * (0.5 + random.random())
+
+
+def _result(body: dict[str, Any], item_id: str = "") -> ScoreResult:
+    dist = body.get("distribution")
+    return ScoreResult(
+        score=float(body["score"]),
+        model=body["model"],
+        model_version=body["model_version"],
+        tokens=int(body["tokens"]),
+        timings=dict(body.get("timings") or {}),
+        distribution=tuple(dist) if dist else None,
+        id=item_id,
+    )
+
+
+def _error(response: httpx.Response) -> MusiqError:
+    try:
+        err = response.json()["error"]
+        code, message = err["code"], err["message"]
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", response.text[:200]
+    retry = response.headers.get("Retry-After")
+    return MusiqError(
+        response.status_code, code, message, float(retry) if retry and retry.isdigit() else None
+    )
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is optional
+        return None
+    return tqdm(total=total, unit="img", desc="scoring")
+
+
+class Client:
+    """Synchronous REST client."""
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.http = httpx.Client(timeout=timeout_s)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def score(
+        self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
+    ) -> ScoreResult:
+        data = _read(image)
+        params = {
+            k: v for k, v in {"model": model, "max_native_tokens": max_native_tokens}.items() if v is not None
+        }
+        for attempt in range(self.retries + 1):
+            r = self.http.post(
+                f"{self.base_url}/v1/score",
+                content=data,
+                params=params,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            if r.status_code == 200:
+                return _result(r.json())
+            err = _error(r)
+            if r.status_code not in RETRYABLE_HTTP or attempt == self.retries:
+                raise err
+            time.sleep(_delay(attempt, self.backoff_s, err.retry_after_s))
+        raise AssertionError("unreachable")
+
+    def score_many(
+        self, images: Sequence[ImageInput], *, concurrency: int = 8, progress: bool = True, **kwargs: Any
+    ) -> list[ScoreResult | MusiqError]:
+        """Scores every image with `concurrency` requests in flight; results in input order."""
+        bar = _progress(len(images), progress)
+
+        def one(image: ImageInput) -> ScoreResult | MusiqError:
+            try:
+                return self.score(image, **kwargs)
+            except MusiqError as exc:
+                return exc
+            finally:
+                if bar is not None:
+                    bar.update(1)
+
+        try:
+            with ThreadPoolExecutor(max(1, concurrency)) as pool:
+                return list(pool.map(one, images))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def models(self) -> dict[str, Any]:
+        return self.http.get(f"{self.base_url}/v1/models").json()
+
+
+class AsyncClient:
+    """asyncio REST client."""
+
+    def __init__(
+        self,
+        base_url: str = "http://localhost:8000",
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.http = httpx.AsyncClient(timeout=timeout_s)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def score(
+        self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
+    ) -> ScoreResult:
+        data = await asyncio.to_thread(_read, image)
+        params = {
+            k: v for k, v in {"model": model, "max_native_tokens": max_native_tokens}.items() if v is not None
+        }
+        for attempt in range(self.retries + 1):
+            r = await self.http.post(
+                f"{self.base_url}/v1/score",
+                content=data,
+                params=params,
+                headers={"Content-Type": "application/octet-stream"},
+            )
+            if r.status_code == 200:
+                return _result(r.json())
+            err = _error(r)
+            if r.status_code not in RETRYABLE_HTTP or attempt == self.retries:
+                raise err
+            await asyncio.sleep(_delay(attempt, self.backoff_s, err.retry_after_s))
+        raise AssertionError("unreachable")
+
+    async def score_many(
+        self, images: Sequence[ImageInput], *, concurrency: int = 8, progress: bool = True, **kwargs: Any
+    ) -> list[ScoreResult | MusiqError]:
+        bar = _progress(len(images), progress)
+        gate = asyncio.Semaphore(max(1, concurrency))
+
+        async def one(image: ImageInput) -> ScoreResult | MusiqError:
+            async with gate:
+                try:
+                    return await self.score(image, **kwargs)
+                except MusiqError as exc:
+                    return exc
+                finally:
+                    if bar is not None:
+                        bar.update(1)
+
+        try:
+            return list(await asyncio.gather(*(one(i) for i in images)))
+        finally:
+            if bar is not None:
+                bar.close()
+
+
+class GrpcClient:
+    """gRPC client (`musiq.v1.Quality`); `score_many` streams through `ScoreStream`."""
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 5,
+        backoff_s: float = 0.2,
+    ) -> None:
+        import grpc
+
+        from service.gen import quality_pb2, quality_pb2_grpc
+
+        self._grpc, self._pb = grpc, quality_pb2
+        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 2**20)])
+        self.stub = quality_pb2_grpc.QualityStub(self.channel)
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> GrpcClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _from_reply(self, reply: Any) -> ScoreResult | MusiqError:
+        if reply.HasField("error"):
+            return MusiqError(400, reply.error.code, reply.error.message)
+        t = reply.timings
+        return ScoreResult(
+            score=reply.score,
+            model=reply.model,
+            model_version=reply.model_version,
+            tokens=reply.tokens,
+            timings={"decode_s": t.decode_s, "pack_s": t.pack_s, "queue_s": t.queue_s, "infer_s": t.infer_s},
+            distribution=tuple(reply.distribution) or None,
+            id=reply.id,
+        )
+
+    def score(
+        self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
+    ) -> ScoreResult:
+        request = self._pb.ScoreRequest(image=_read(image), model=model or "")
+        if max_native_tokens is not None:
+            request.max_native_tokens = max_native_tokens
+        for attempt in range(self.retries + 1):
+            try:
+                result = self._from_reply(self.stub.Score(request, timeout=self.timeout_s))
+            except self._grpc.RpcError as exc:
+                code, details = exc.code(), exc.details() or ""
+                err = MusiqError(_HTTP_OF.get(code.name, 500), details.split(":", 1)[0], details)
+                # RESOURCE_EXHAUSTED also means "image too large", which no retry fixes
+                transient = code == self._grpc.StatusCode.UNAVAILABLE or details.startswith("queue_full")
+                if not transient or attempt == self.retries:
+                    raise err from None
+                time.sleep(_delay(attempt, self.backoff_s, None))
+                continue
+            if isinstance(result, MusiqError):
+                raise result
+            return result
+        raise AssertionError("unreachable")
+
+    def score_many(
+        self, images: Iterable[ImageInput], *, progress: bool = True, model: str | None = None
+    ) -> list[ScoreResult | MusiqError]:
+        """Streams every image; replies come back as they finish and are put back in input order."""
+        images = list(images)
+        bar = _progress(len(images), progress)
+        requests = (
+            self._pb.ScoreRequest(id=str(i), image=_read(img), model=model or "")
+            for i, img in enumerate(images)
+        )
+        out: list[ScoreResult | MusiqError | None] = [None] * len(images)
+        try:
+            for reply in self.stub.ScoreStream(requests, timeout=self.timeout_s * max(1, len(images))):
+                out[int(reply.id)] = self._from_reply(reply)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [
+            r if r is not None else MusiqError(500, "missing_reply", "no reply for this item") for r in out
+        ]
+
+
+_HTTP_OF: dict[str, int] = {
+    "INVALID_ARGUMENT": 400,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
