@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PARITY_VENV ?= .venv-parity
 PARITY_STAMP := $(PARITY_VENV)/.installed
 
-.PHONY: install install-parity test test-fast parity lint format protos bench default-model brisque-compare clean
+.PHONY: install install-parity run test test-fast parity lint format protos bench default-model brisque-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ $(PARITY_STAMP): pyproject.toml
 	touch $(PARITY_STAMP)
 
 install: $(STAMP)
+
+# The quickstart: installs if needed, then serves the embedded model (REST :8000, gRPC :50051).
+run: $(STAMP)
+	$(BIN)/musiq serve
 
 install-parity: $(PARITY_STAMP)
 

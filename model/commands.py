@@ -48,8 +48,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     c.set_defaults(handler=cmd_convert)
 
-    s = sub.add_parser("score", help="score images; one JSON object per line")
-    s.add_argument("images", nargs="+", help="image files")
+    s = sub.add_parser("score", help="score images or folders of images (JSON lines or CSV)")
+    s.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    s.add_argument(
+        "--format", choices=["jsonl", "csv"], default="jsonl", help="output format (default jsonl)"
+    )
+    s.add_argument("-o", "--output", help="write here instead of stdout")
+    s.add_argument("--rank", action="store_true", help="sort by score, best first, with a rank column")
     s.add_argument("--checkpoint", help="project checkpoint (.safetensors); default: the embedded model")
     s.add_argument(
         "--max-native-tokens", type=int, help="cap native-resolution tokens (default: the model's)"
@@ -110,17 +115,42 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".ppm", ".avif"}
+
+
+def expand_images(inputs: list[str]) -> list[str]:
+    """Files as given; folders become their image files (recursive, sorted)."""
+    out: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(
+                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            )
+        else:
+            out.append(item)
+    return out
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     checkpoint = load_named_or_default(args.checkpoint)
 
     import torch
+    from tqdm import tqdm
 
     from model.network import build_model
 
     model = build_model(checkpoint)
     packing = checkpoint.config.packing(args.max_native_tokens)
+    images = expand_images(args.images)
+    if not images:
+        raise ValueError("no image files found in " + ", ".join(args.images))
+    streaming = not args.rank and args.format == "jsonl" and not args.output  # print as we go
+    records: list[dict[str, object]] = []
     failures = 0
-    for image in args.images:
+    for image in tqdm(
+        images, desc="scoring", unit="img", disable=len(images) < 2 or streaming, file=sys.stderr
+    ):
         try:
             packed = pack(decode_image(image), packing)
         except ImageDecodeError as exc:
@@ -138,5 +168,31 @@ def cmd_score(args: argparse.Namespace) -> int:
             record["distribution"] = [round(float(v), 6) for v in output.softmax(-1)[0]]
         if checkpoint.config.head == "classes":
             record["logits"] = [round(float(v), 6) for v in output[0]]
-        print(json.dumps(record), flush=True)
+        if streaming:
+            print(json.dumps(record), flush=True)
+        else:
+            records.append(record)
+    if not streaming:
+        write_records(records, args.format, args.output, rank=args.rank)
     return 1 if failures else 0
+
+
+def write_records(records: list[dict[str, object]], fmt: str, output: str | None, *, rank: bool) -> None:
+    import csv
+    import io
+
+    if rank:
+        records = sorted(records, key=lambda r: -float(r.get("score", float("-inf"))))  # type: ignore[arg-type]
+        records = [{"rank": i, **r} for i, r in enumerate(records, start=1)]
+    buf = io.StringIO()
+    if fmt == "jsonl":
+        buf.writelines(json.dumps(r) + "\n" for r in records)
+    else:
+        columns = [c for c in ("rank", "image", "score") if any(c in r for r in records)]
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([[r.get(c, "") for c in columns] for r in records])
+    if output:
+        Path(output).write_text(buf.getvalue())
+    else:
+        sys.stdout.write(buf.getvalue())

@@ -171,3 +171,23 @@ def test_bad_checkpoint_and_missing_image_for_pack(tmp_path: Path) -> None:
         musiq("score", "--checkpoint", bogus, write_jpeg(tmp_path / "a.jpg", 8, 8)), "bogus"
     )
     assert_one_line_error(musiq("pack", tmp_path / "nope.png", "-o", tmp_path / "o.npz"), "nope.png")
+
+
+def test_score_a_folder_ranked_as_csv(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for i, name in enumerate(["a.jpg", "b.jpg", "sub/c.jpg"]):
+        write_jpeg(folder / name, 80 + 30 * i, 100, seed=i)
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "ranking.csv"
+    result = musiq("score", folder, "--format", "csv", "--rank", "-o", out)
+    assert result.returncode == 0, result.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "rank,image,score" and len(lines) == 4
+    rows = [ln.split(",") for ln in lines[1:]]
+    assert [r[0] for r in rows] == ["1", "2", "3"]
+    scores = [float(r[2]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    assert {Path(r[1]).name for r in rows} == {"a.jpg", "b.jpg", "c.jpg"}
+    jsonl = musiq("score", folder, "--rank")
+    assert [json.loads(ln)["rank"] for ln in jsonl.stdout.splitlines()] == [1, 2, 3]
