@@ -1,6 +1,6 @@
 """The protocol-independent core: bytes -> decode -> pack -> batcher -> ONNX Runtime -> result.
 
-REST (and later gRPC) handlers call `ScoringCore.score`; every failure is a `ScoringError` with
+The REST and gRPC handlers call `ScoringCore.score`; every failure is a `ScoringError` with
 a stable code and the HTTP status it maps to, so the protocol layers only translate.
 """
 
