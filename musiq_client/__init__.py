@@ -97,7 +97,36 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", desc="scoring")
 
 
-class Client:
+class _Rest:
+    """What the sync and async REST clients share: the request, and what a response means."""
+
+    def __init__(self, base_url: str, retries: int, backoff_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def _request(self, data: bytes, model: str | None, max_native_tokens: int | None) -> dict[str, Any]:
+        params = {
+            k: v for k, v in {"model": model, "max_native_tokens": max_native_tokens}.items() if v is not None
+        }
+        return {
+            "url": f"{self.base_url}/v1/score",
+            "content": data,
+            "params": params,
+            "headers": {"Content-Type": "application/octet-stream"},
+        }
+
+    def _outcome(self, response: httpx.Response, attempt: int) -> ScoreResult | float:
+        """The result; or, for a retryable refusal with attempts left, the seconds to wait first."""
+        if response.status_code == 200:
+            return _result(response.json())
+        err = _error(response)
+        if response.status_code not in RETRYABLE_HTTP or attempt >= self.retries:
+            raise err
+        return _delay(attempt, self.backoff_s, err.retry_after_s)
+
+
+class Client(_Rest):
     """Synchronous REST client."""
 
     def __init__(
@@ -108,9 +137,7 @@ class Client:
         retries: int = 5,
         backoff_s: float = 0.2,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.retries = retries
-        self.backoff_s = backoff_s
+        super().__init__(base_url, retries, backoff_s)
         self.http = httpx.Client(timeout=timeout_s)
 
     def close(self) -> None:
@@ -125,24 +152,12 @@ class Client:
     def score(
         self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
     ) -> ScoreResult:
-        data = _read(image)
-        params = {
-            k: v for k, v in {"model": model, "max_native_tokens": max_native_tokens}.items() if v is not None
-        }
-        for attempt in range(self.retries + 1):
-            r = self.http.post(
-                f"{self.base_url}/v1/score",
-                content=data,
-                params=params,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            if r.status_code == 200:
-                return _result(r.json())
-            err = _error(r)
-            if r.status_code not in RETRYABLE_HTTP or attempt == self.retries:
-                raise err
-            time.sleep(_delay(attempt, self.backoff_s, err.retry_after_s))
-        raise AssertionError("unreachable")
+        request = self._request(_read(image), model, max_native_tokens)
+        attempt = 0
+        while not isinstance(outcome := self._outcome(self.http.post(**request), attempt), ScoreResult):
+            time.sleep(outcome)
+            attempt += 1
+        return outcome
 
     def score_many(
         self, images: Sequence[ImageInput], *, concurrency: int = 8, progress: bool = True, **kwargs: Any
@@ -170,7 +185,7 @@ class Client:
         return self.http.get(f"{self.base_url}/v1/models").json()
 
 
-class AsyncClient:
+class AsyncClient(_Rest):
     """asyncio REST client."""
 
     def __init__(
@@ -181,9 +196,7 @@ class AsyncClient:
         retries: int = 5,
         backoff_s: float = 0.2,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.retries = retries
-        self.backoff_s = backoff_s
+        super().__init__(base_url, retries, backoff_s)
         self.http = httpx.AsyncClient(timeout=timeout_s)
 
     async def aclose(self) -> None:
@@ -198,28 +211,17 @@ class AsyncClient:
     async def score(
         self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
     ) -> ScoreResult:
-        data = await asyncio.to_thread(_read, image)
-        params = {
-            k: v for k, v in {"model": model, "max_native_tokens": max_native_tokens}.items() if v is not None
-        }
-        for attempt in range(self.retries + 1):
-            r = await self.http.post(
-                f"{self.base_url}/v1/score",
-                content=data,
-                params=params,
-                headers={"Content-Type": "application/octet-stream"},
-            )
-            if r.status_code == 200:
-                return _result(r.json())
-            err = _error(r)
-            if r.status_code not in RETRYABLE_HTTP or attempt == self.retries:
-                raise err
-            await asyncio.sleep(_delay(attempt, self.backoff_s, err.retry_after_s))
-        raise AssertionError("unreachable")
+        request = self._request(await asyncio.to_thread(_read, image), model, max_native_tokens)
+        attempt = 0
+        while not isinstance(outcome := self._outcome(await self.http.post(**request), attempt), ScoreResult):
+            await asyncio.sleep(outcome)
+            attempt += 1
+        return outcome
 
     async def score_many(
         self, images: Sequence[ImageInput], *, concurrency: int = 8, progress: bool = True, **kwargs: Any
     ) -> list[ScoreResult | MusiqError]:
+        """Scores every image with at most `concurrency` requests in flight; results in input order."""
         bar = _progress(len(images), progress)
         gate = asyncio.Semaphore(max(1, concurrency))
 
