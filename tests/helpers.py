@@ -22,6 +22,19 @@ def musiq(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProces
     )
 
 
+def jpeg(h: int = 200, w: int = 300, seed: int = 0, quality: int = 90) -> bytes:
+    """A random-noise JPEG of h x w pixels (seeded), as a client would upload it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    pixels = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now, on 127.0.0.1."""
     with socket.socket() as s:

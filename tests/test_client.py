@@ -3,27 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from musiq_client import AsyncClient, Client, GrpcClient, MusiqError, ScoreResult
 from service.settings import ServiceSettings
-from tests.helpers import start_server
-
-
-def jpeg(seed: int, h: int = 140, w: int = 200) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-        buf, format="JPEG"
-    )
-    return buf.getvalue()
+from tests.helpers import jpeg, start_server
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +25,7 @@ def endpoints() -> Iterator[tuple[str, str]]:
 
 def test_sync_async_and_grpc_agree(endpoints: tuple[str, str], tmp_path: Path) -> None:
     path = tmp_path / "a.jpg"
-    path.write_bytes(jpeg(1))
+    path.write_bytes(jpeg(seed=1))
     with Client(endpoints[0]) as client:
         by_path = client.score(path)
         by_bytes = client.score(path.read_bytes())
@@ -53,7 +42,7 @@ def test_sync_async_and_grpc_agree(endpoints: tuple[str, str], tmp_path: Path) -
 
 
 def test_score_many_keeps_order_and_returns_errors(endpoints: tuple[str, str]) -> None:
-    images = [jpeg(i) for i in range(5)]
+    images = [jpeg(seed=i) for i in range(5)]
     images.insert(2, b"not an image")
     with Client(endpoints[0]) as client:
         singles = [client.score(d).score for d in images if d != b"not an image"]
@@ -87,7 +76,7 @@ def test_retries_on_429_honour_retry_after() -> None:
     )
     srv, thread, url = start_server(settings)
     try:
-        images = [jpeg(20 + i) for i in range(5)]
+        images = [jpeg(seed=20 + i) for i in range(5)]
         with Client(url, retries=0) as impatient:
             first = impatient.score_many(images, concurrency=5, progress=False)
         assert any(isinstance(r, MusiqError) and r.status == 429 and r.retry_after_s for r in first)

@@ -3,7 +3,6 @@ deadlines, error statuses, and agreement with REST."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,19 +12,10 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from PIL import Image
 
 from service.gen import quality_pb2, quality_pb2_grpc
 from service.settings import ServiceSettings
-from tests.helpers import start_server
-
-
-def jpeg(h: int = 160, w: int = 240, seed: int = 0) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-        buf, format="JPEG"
-    )
-    return buf.getvalue()
+from tests.helpers import jpeg, start_server
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import struct
 import time
 import zlib
@@ -10,15 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from model.decode import decode_image
 from model.packing import pack
 from service.runtime import ModelRuntime
 from service.settings import EMBEDDED_ONNX, ServiceSettings
-from tests.helpers import free_port, start_server
+from tests.helpers import free_port, jpeg, start_server
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +28,6 @@ def server() -> Iterator[str]:
     yield url
     srv.should_exit = True
     thread.join(timeout=30)
-
-
-def jpeg(h: int = 200, w: int = 300, seed: int = 0) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def assert_error(r: httpx.Response, status: int, code: str) -> None:
