@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class ExportResult:
     fused: dict[str, int]
     shape_checks: list[ShapeCheck]
     rollout_path: Path | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def session(model: onnx.ModelProto | str | Path, threads: int = 0) -> ort.InferenceSession:
@@ -124,7 +123,7 @@ def export_checkpoint(
         "shapes": [[c.batch, c.tokens, c.padding] for c in checks],
     }
 
-    final, notes = fp32, []
+    final = fp32
     if precision != "fp32":
         outputs = tuple(o.name for o in fp32.graph.output)
         final = to_fp16(fp32, keep_float32=outputs) if precision == "fp16" else to_int8(fp32)
@@ -171,7 +170,7 @@ def export_checkpoint(
         },
     )
     _write(final, output, metadata.to_props())
-    result = ExportResult(output, metadata, fused, checks, notes=notes)
+    result = ExportResult(output, metadata, fused, checks)
     if rollout:
         result.rollout_path = _export_rollout(model, output, metadata, opset, shapes, log)
     log(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {precision})")
