@@ -60,6 +60,9 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     device: str = "cpu"
+    # "bf16": autocast matmuls and convolutions to bfloat16 (norms and the loss stay float32), and
+    # allow TF32 elsewhere on CUDA; the weights and optimizer state stay float32. "" = float32.
+    precision: str = ""
     out: str = "runs/train"
     max_steps: int = 0  # stop early after this many steps (smoke runs); 0 = no limit
     # A wall-clock budget (seconds) for runs on lent machines: the schedule's progress is the
@@ -94,8 +97,18 @@ class TrainConfig:
             if value and not Path(value).is_absolute():
                 setattr(config, attr, str((base / value).resolve()))
         config.photos = [str((base / p).resolve()) for p in config.photos]
+        config.check_precision()
         config.network()  # fail at load, naming the setting, not halfway into a run
         return config
+
+    def check_precision(self) -> None:
+        if self.precision not in ("", "bf16"):
+            raise ValueError(f"precision must be '' or 'bf16', got {self.precision!r}")
+
+    def autocast(self) -> torch.autocast:
+        self.check_precision()
+        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def network(self) -> MusiqConfig:
         if self.preset not in PRESETS:
@@ -180,8 +193,9 @@ def evaluate(model: Musiq, dataset, cfg: TrainConfig) -> tuple[np.ndarray, np.nd
     preds, targets = [], []
     for batch in _loader(dataset, cfg, shuffle=False):
         inputs = [batch[k].to(cfg.device) for k in ("patches", "spatial", "scale", "mask")]
-        out = model(*inputs)
-        preds.append(model.score(out).float().cpu().numpy())
+        with cfg.autocast():
+            out = model(*inputs)
+        preds.append(model.score(out.float()).cpu().numpy())
         t = batch["target"]
         if t.shape[-1] > 1:  # distributions: compare expectations
             t = head_score(torch.log(t.clamp_min(1e-8)), "distribution")[:, None]
@@ -199,6 +213,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> di
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     seed_everything(cfg.seed)
+    if cfg.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     net_cfg = cfg.network()
     packing = net_cfg.packing()
     train_set, val_set = _datasets(cfg, packing)
@@ -264,7 +281,9 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> di
                 batch[k].to(cfg.device, non_blocking=True) for k in ("patches", "spatial", "scale", "mask")
             ]
             target = batch["target"].to(cfg.device)
-            loss = loss_fn(model, model(*inputs), target)
+            with cfg.autocast():
+                output = model(*inputs)
+            loss = loss_fn(model, output.float(), target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:

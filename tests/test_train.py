@@ -394,6 +394,26 @@ def test_training_loss_decreases_on_a_learnable_target(tmp_path: Path) -> None:
     assert losses[-1] < 0.85 * losses[0], losses  # about 1.14 -> 0.70 with seed 0
 
 
+def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path: Path) -> None:
+    write_brightness_set(tmp_path / "data", n=20)
+    cfg = TrainConfig.load(
+        write_recipe(
+            tmp_path / "r.toml",
+            data='csv = "data/labels.csv"',
+            train='epochs = 6\nlr = 3e-3\nweight_decay = 0.0\nwarmup_fraction = 0.1\nprecision = "bf16"',
+        )
+    )
+    train(cfg, progress=False)
+    losses = [r["train_loss"] for r in metrics(Path(cfg.out))]
+    assert losses[-1] < 0.85 * losses[0], losses
+    assert all(w.dtype == np.float32 for w in weights(Path(cfg.out) / "last.safetensors").values())
+
+
+def test_unknown_precision_fails_at_load(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        noise_recipe(tmp_path, 'precision = "fp8"')
+
+
 def weights(path: Path) -> dict[str, np.ndarray]:
     return load_file(str(path))
 

@@ -1,0 +1,47 @@
+"""Prepares `.data/` (git-ignored via .git/info/exclude) for the GPU stages in tools/gpu_train.sh.
+
+The lent machine receives the working tree plus carried paths, 64 MiB per call, and cannot read
+../shared/data. So:
+- `.data/bsds500/images`: BSDS500's 500 photos, as released (37 MB; stage 1b);
+- `.data/clive`: CLIVE's JPEGs as released, the lossless WebP images re-encoded as JPEG quality 90
+  (47 MB), and `labels.csv` with the project split (seeded 80/20, `musiq split` seed 0; stage 2);
+- `.data/init`: stage 1's network (model/weights/pretrain_synthetic.fp16.safetensors).
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+from PIL import Image
+
+from model.data import read_labels, split_samples
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[1] / ".data"
+
+
+def main() -> None:
+    shutil.copytree(SHARED / "bsds500" / "images", DATA / "bsds500" / "images", dirs_exist_ok=True)
+    (DATA / "init").mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path("model/weights/pretrain_synthetic.fp16.safetensors"), DATA / "init")
+    train, val = split_samples(read_labels(SHARED / "clive" / "labels.csv"), 0.2, 0)
+    images = DATA / "clive" / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    with (DATA / "clive" / "labels.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "mos", "split"])
+        for split, samples in (("train", train), ("val", val)):
+            for s in samples:
+                dst = images / (s.path.stem + ".jpg")
+                if s.path.suffix.lower() == ".jpg":
+                    shutil.copy(s.path, dst)
+                else:
+                    Image.open(s.path).convert("RGB").save(dst, quality=90)
+                writer.writerow([f"images/{dst.name}", f"{float(s.target[0]):.6f}", split])
+    print(f"{DATA}: {len(train)} train + {len(val)} val CLIVE images, BSDS500, stage-1 init")
+
+
+if __name__ == "__main__":
+    main()
