@@ -64,7 +64,13 @@ class ScaleExplanationModel(BaseModel):
     heatmap_png: str = Field(description="base64 PNG: the weights drawn over the image")
 
 
+class ExplainTimings(Timings):
+    rollout_s: float = Field(description="the explanation graph's inference")
+    render_s: float = Field(description="drawing the heatmaps")
+
+
 class ExplainResponse(ScoreResponse):
+    timings: ExplainTimings
     scales: list[ScaleExplanationModel] = Field(description="one per scale, in packing order")
 
 
@@ -203,7 +209,10 @@ def to_explain_response(explained: ExplainResult) -> ExplainResponse:
         )
         for s in explained.scales
     ]
-    return ExplainResponse(**to_response(explained.result).model_dump(), scales=scales)
+    base = to_response(explained.result).model_dump()
+    t = explained.result.timings
+    base["timings"] = ExplainTimings(**base["timings"], rollout_s=t["rollout_s"], render_s=t["render_s"])
+    return ExplainResponse(**base, scales=scales)
 
 
 class RequestMetrics:
