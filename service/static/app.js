@@ -26,7 +26,8 @@ async function explain(file) {
   for (let attempt = 0; ; attempt++) {
     const response = await fetch("/v1/explain", {
       method: "POST",
-      headers: { "Content-Type": file.type || "application/octet-stream" },
+      // The server recognises the format from the bytes; a file the OS calls text/plain still gets there.
+      headers: { "Content-Type": file.type.startsWith("image/") ? file.type : "application/octet-stream" },
       body,
     });
     if (response.ok) return response.json();
