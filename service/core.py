@@ -133,6 +133,7 @@ class ScoringCore:
             )
             logger.warning("explanations disabled for %s: %s", served.runtime.name, served.explain_problem)
             return
+        explainer.warm_up()  # proves the file runs before the server says ready
         served.explainer = explainer
 
     def model(self, name: str | None) -> ServedModel:
