@@ -20,6 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--rollout", action="store_true", help="also write NAME.rollout.onnx with the CLS attention rollout"
     )
     e.add_argument(
+        "--rollout-weights",
+        choices=["fp32", "fp16"],
+        default="fp32",
+        help="store the rollout graph's weights in fp16 (half the file; still computes in fp32)",
+    )
+    e.add_argument(
         "--min-int8-srcc", type=float, default=0.995, help="refuse int8 below this SRCC against fp32"
     )
     e.add_argument("--photos", type=int, help="use only the first N of the 56 check photos (faster)")
@@ -36,6 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         precision=args.precision,
         opset=args.opset,
         rollout=args.rollout,
+        rollout_weights=args.rollout_weights,
         min_int8_srcc=args.min_int8_srcc,
         photos=distorted_photos(limit=args.photos),
     )

@@ -24,13 +24,14 @@ import torch
 
 from export.graph import RolloutGraph, ScoringGraph, export_graph
 from export.metadata import ModelMetadata
-from export.optimize import fuse, fused_op_counts, to_fp16, to_int8
+from export.optimize import fuse, fused_op_counts, to_fp16, to_fp16_weights, to_int8
 from export.verify import SHAPES, ShapeCheck, check_shapes, compare_precision, photo_scores
 from model.checkpoint import file_sha256, load_checkpoint
 from model.network import build_model
 
 FP32_TOLERANCE = 1e-4  # absolute, on the score
 MIN_INT8_SRCC = 0.995
+MIN_ROLLOUT_PEARSON = 0.999  # fp16-weight rollouts against fp32, per photo
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -82,6 +83,7 @@ def export_checkpoint(
     precision: str = "fp32",
     opset: int = 17,
     rollout: bool = False,
+    rollout_weights: str = "fp32",
     min_int8_srcc: float = MIN_INT8_SRCC,
     photos: Sequence[tuple[str, np.ndarray]] | None = None,
     shapes: Sequence[tuple[int, int, str]] = SHAPES,
@@ -172,32 +174,86 @@ def export_checkpoint(
     _write(final, output, metadata.to_props())
     result = ExportResult(output, metadata, fused, checks)
     if rollout:
-        result.rollout_path = _export_rollout(model, output, metadata, opset, shapes, log)
+        result.rollout_path = _export_rollout(
+            model, output, metadata, opset, shapes, log, rollout_weights, images[:8]
+        )
     log(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {precision})")
     return result
 
 
-def _export_rollout(model, output: Path, metadata: ModelMetadata, opset: int, shapes, log) -> Path:  # type: ignore[no-untyped-def]
-    """The explanation graph: fp32, unfused attention (it must expose the probabilities)."""
+def _export_rollout(  # type: ignore[no-untyped-def]
+    model, output: Path, metadata: ModelMetadata, opset: int, shapes, log, weights: str, images
+) -> Path:
+    """The explanation graph: fp32 compute, unfused attention (it must expose the probabilities).
+
+    `weights="fp16"` stores the weights in float16 (half the file) and is refused unless its
+    rollouts on real photos match the fp32 graph's (`rollout_agreement`).
+    """
+    if weights not in ("fp32", "fp16"):
+        raise ValueError("rollout weights must be fp32 or fp16")
     path = output.with_name(output.name.removesuffix(".onnx") + ".rollout.onnx")
     with tempfile.TemporaryDirectory() as tmp:
         traced = onnx.load(export_graph(RolloutGraph(model), Path(tmp) / "rollout.onnx", opset=opset))
     onnx.checker.check_model(traced)
     small = [s for s in shapes if s[1] <= 1500]  # rollout keeps one N x N matrix per layer
-    checks = check_shapes(session(traced), model, small)
+    fp32_session = session(traced)
+    checks = check_shapes(fp32_session, model, small)
     worst = max(c.max_abs_diff for c in checks)
     log(f"  rollout graph vs PyTorch over {len(checks)} shapes: max |diff| {worst:.2e}")
     if worst > FP32_TOLERANCE:
         raise ExportRefused(f"rollout graph differs from PyTorch by {worst:.3e}; nothing written")
+    parity: dict[str, Any] = {"fp32_vs_torch_max_abs": float(f"{worst:.3e}")}
+    final = traced
+    if weights == "fp16":
+        final = to_fp16_weights(traced)
+        onnx.checker.check_model(final)
+        agreement = rollout_agreement(fp32_session, session(final), images, model.config.packing())
+        log(
+            f"  rollout fp16 weights vs fp32 on {agreement['images']} photos: min correlation "
+            f"{agreement['min_pearson']:.6f}, max |diff| / max weight {agreement['max_rel_diff']:.2e}, "
+            f"max |score diff| {agreement['max_score_diff']:.2e}"
+        )
+        if not agreement["min_pearson"] >= MIN_ROLLOUT_PEARSON:
+            raise ExportRefused(
+                f"fp16-weight rollouts correlate {agreement['min_pearson']:.5f} < {MIN_ROLLOUT_PEARSON} "
+                "with fp32; nothing written"
+            )
+        parity["fp16_weights_vs_fp32"] = agreement
     meta = ModelMetadata(
         **{
             **metadata.__dict__,
-            "precision": "fp32",
+            "precision": "fp32" if weights == "fp32" else "fp16-weights",
             "rollout": True,
             "outputs": tuple(o.name for o in traced.graph.output),
-            "parity": {"fp32_vs_torch_max_abs": float(f"{worst:.3e}")},
+            "parity": parity,
         }
     )
-    _write(traced, path, meta.to_props())
-    log(f"wrote {path}")
+    _write(final, path, meta.to_props())
+    log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {weights} weights)")
     return path
+
+
+def rollout_agreement(  # type: ignore[no-untyped-def]
+    reference: ort.InferenceSession, candidate: ort.InferenceSession, images: Sequence[np.ndarray], packing
+) -> dict[str, float]:
+    """How closely two rollout graphs agree on real photos: per-image Pearson correlation of the
+    token weights (the heatmap's pattern), the largest difference relative to the image's largest
+    weight (its colour scale), and the largest score difference."""
+    from export.verify import ort_outputs
+    from model.packing import collate, pack
+
+    pearsons, rel, scores = [], [], []
+    for img in images:
+        batch = collate([pack(img, packing)])
+        a, b = ort_outputs(reference, batch), ort_outputs(candidate, batch)
+        ra, rb = a["rollout"][0].astype(np.float64), b["rollout"][0].astype(np.float64)
+        pearsons.append(float(np.corrcoef(ra, rb)[0, 1]))
+        rel.append(float(np.abs(ra - rb).max() / ra.max()))
+        key = "score" if "score" in a else "logits"
+        scores.append(float(np.abs(a[key] - b[key]).max()))
+    return {
+        "images": len(pearsons),
+        "min_pearson": round(min(pearsons), 7),
+        "max_rel_diff": float(f"{max(rel):.3e}"),
+        "max_score_diff": float(f"{max(scores):.3e}"),
+    }

@@ -34,7 +34,7 @@ class ModelMetadata:
     head: str
     num_outputs: int
     score_range: tuple[float, float]
-    precision: str  # fp32 | fp16 | int8
+    precision: str  # fp32 | fp16 | int8 | fp16-weights (fp16 storage, fp32 compute)
     source_sha256: str
     outputs: tuple[str, ...]
     hidden_size: int = 0

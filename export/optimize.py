@@ -87,3 +87,39 @@ def to_int8(model: onnx.ModelProto) -> onnx.ModelProto:
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
         return onnx.load(dst)
+
+
+def to_fp16_weights(model: onnx.ModelProto, min_elements: int = 1024) -> onnx.ModelProto:
+    """Large float32 weights stored as float16 and cast back to float32 in the graph.
+
+    Halves the file while every operation still computes in float32: ONNX Runtime folds the
+    Casts into float32 constants when the session loads, so the only change is the weights'
+    rounding to float16. Used for the explanation graph, whose heatmaps must stay faithful to
+    the fp32 model (an fp16 compute graph would also round the attention probabilities).
+    """
+    from onnx import helper, numpy_helper
+
+    out = _copy(model)
+    graph = out.graph
+    casts = []
+    kept = []
+    for init in graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and _elements(init) >= min_elements:
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype("float16"), init.name + "_fp16")
+            kept.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT))
+        else:
+            kept.append(init)
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend([*casts, *nodes])
+    return out
+
+
+def _elements(init: onnx.TensorProto) -> int:
+    n = 1
+    for d in init.dims:
+        n *= d
+    return n

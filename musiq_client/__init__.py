@@ -7,11 +7,13 @@ RESOURCE_EXHAUSTED / UNAVAILABLE) with exponential backoff, honouring the server
     client = Client("http://localhost:8000")
     client.score("photo.jpg").score
     results = client.score_many(paths, concurrency=8)   # in order; failures are MusiqError values
+    client.explain("photo.jpg").scales[2].heatmap_png   # PNG bytes: where the model looked
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import random
 import time
@@ -23,7 +25,15 @@ from typing import Any
 
 import httpx
 
-__all__ = ["AsyncClient", "Client", "GrpcClient", "MusiqError", "ScoreResult"]
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "Explanation",
+    "GrpcClient",
+    "MusiqError",
+    "ScaleExplanation",
+    "ScoreResult",
+]
 
 ImageInput = str | os.PathLike[str] | bytes
 RETRYABLE_HTTP = {429, 503}
@@ -38,6 +48,27 @@ class ScoreResult:
     timings: dict[str, float] = field(default_factory=dict)
     distribution: tuple[float, ...] | None = None
     id: str = ""
+
+
+@dataclass(frozen=True)
+class ScaleExplanation:
+    """One scale's CLS attention rollout: weights on its patch grid (None: patch not packed)."""
+
+    scale_id: int
+    longer_side: int | None  # None for the native scale
+    height: int
+    width: int
+    grid_h: int
+    grid_w: int
+    share: float
+    weights: list[list[float | None]]
+    heatmap_png: bytes
+
+
+@dataclass(frozen=True)
+class Explanation:
+    result: ScoreResult
+    scales: tuple[ScaleExplanation, ...]
 
 
 class MusiqError(Exception):
@@ -75,6 +106,17 @@ def _result(body: dict[str, Any], item_id: str = "") -> ScoreResult:
     )
 
 
+def _explanation(body: dict[str, Any]) -> Explanation:
+    scales = tuple(
+        ScaleExplanation(
+            **{k: v for k, v in scale.items() if k != "heatmap_png"},
+            heatmap_png=base64.b64decode(scale["heatmap_png"]),
+        )
+        for scale in body["scales"]
+    )
+    return Explanation(_result(body), scales)
+
+
 def _error(response: httpx.Response) -> MusiqError:
     try:
         err = response.json()["error"]
@@ -105,25 +147,27 @@ class _Rest:
         self.retries = retries
         self.backoff_s = backoff_s
 
-    def _request(self, data: bytes, model: str | None, max_native_tokens: int | None) -> dict[str, Any]:
+    def _request(
+        self, data: bytes, model: str | None, max_native_tokens: int | None, route: str = "/v1/score"
+    ) -> dict[str, Any]:
         params = {
             k: v for k, v in {"model": model, "max_native_tokens": max_native_tokens}.items() if v is not None
         }
         return {
-            "url": f"{self.base_url}/v1/score",
+            "url": f"{self.base_url}{route}",
             "content": data,
             "params": params,
             "headers": {"Content-Type": "application/octet-stream"},
         }
 
-    def _outcome(self, response: httpx.Response, attempt: int) -> ScoreResult | float:
-        """The result; or, for a retryable refusal with attempts left, the seconds to wait first."""
+    def _outcome(self, response: httpx.Response, attempt: int, parse: Any = _result) -> Any:
+        """The parsed result; or, for a retryable refusal with attempts left, the seconds to wait first."""
         if response.status_code == 200:
-            return _result(response.json())
+            return parse(response.json())
         err = _error(response)
         if response.status_code not in RETRYABLE_HTTP or attempt >= self.retries:
             raise err
-        return _delay(attempt, self.backoff_s, err.retry_after_s)
+        return float(_delay(attempt, self.backoff_s, err.retry_after_s))
 
 
 class Client(_Rest):
@@ -152,9 +196,17 @@ class Client(_Rest):
     def score(
         self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
     ) -> ScoreResult:
-        request = self._request(_read(image), model, max_native_tokens)
+        return self._call(self._request(_read(image), model, max_native_tokens), _result)
+
+    def explain(
+        self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
+    ) -> Explanation:
+        """The score plus each scale's attention rollout and heatmap (`POST /v1/explain`)."""
+        return self._call(self._request(_read(image), model, max_native_tokens, "/v1/explain"), _explanation)
+
+    def _call(self, request: dict[str, Any], parse: Any) -> Any:
         attempt = 0
-        while not isinstance(outcome := self._outcome(self.http.post(**request), attempt), ScoreResult):
+        while isinstance(outcome := self._outcome(self.http.post(**request), attempt, parse), float):
             time.sleep(outcome)
             attempt += 1
         return outcome
@@ -211,9 +263,19 @@ class AsyncClient(_Rest):
     async def score(
         self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
     ) -> ScoreResult:
-        request = self._request(await asyncio.to_thread(_read, image), model, max_native_tokens)
+        data = await asyncio.to_thread(_read, image)
+        return await self._call(self._request(data, model, max_native_tokens), _result)
+
+    async def explain(
+        self, image: ImageInput, *, model: str | None = None, max_native_tokens: int | None = None
+    ) -> Explanation:
+        """The score plus each scale's attention rollout and heatmap (`POST /v1/explain`)."""
+        data = await asyncio.to_thread(_read, image)
+        return await self._call(self._request(data, model, max_native_tokens, "/v1/explain"), _explanation)
+
+    async def _call(self, request: dict[str, Any], parse: Any) -> Any:
         attempt = 0
-        while not isinstance(outcome := self._outcome(await self.http.post(**request), attempt), ScoreResult):
+        while isinstance(outcome := self._outcome(await self.http.post(**request), attempt, parse), float):
             await asyncio.sleep(outcome)
             attempt += 1
         return outcome

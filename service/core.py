@@ -7,17 +7,23 @@ a stable code and the HTTP status it maps to, so the protocol layers only transl
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from model.config import PackingConfig
 from model.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from model.packing import PackedImage, pack
 from service.batcher import Batcher, DeadlineExceeded, ItemTooLarge, QueueFull, ShuttingDown
+from service.explain import RolloutRuntime, ScaleExplanation, explain_scales, rollout_path
 from service.metrics import ServiceMetrics
 from service.runtime import ModelRuntime, Prediction, RuntimeOptions
 from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
 
 
 class ScoringError(Exception):
@@ -40,9 +46,17 @@ class ScoreResult:
 
 
 @dataclass
+class ExplainResult:
+    result: ScoreResult  # the same score /v1/score gives for these bytes
+    scales: list[ScaleExplanation]
+
+
+@dataclass
 class ServedModel:
     runtime: ModelRuntime
     batcher: Batcher[PackedImage, Prediction]
+    explainer: RolloutRuntime | None = None  # its NAME.rollout.onnx, when one lies beside it
+    explain_problem: str = "no explanation graph (NAME.rollout.onnx) was found beside the model"
 
 
 @dataclass
@@ -53,6 +67,9 @@ class ScoringCore:
     ready: bool = False
     pool: ThreadPoolExecutor | None = None
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    explain_pool: ThreadPoolExecutor | None = None
+    explain_waiting: int = 0
+    explain_slots: asyncio.Semaphore | None = None
 
     async def start(self) -> None:
         """Loads every model, proves each with a warm-up inference, then starts its batcher."""
@@ -75,7 +92,8 @@ class ScoringCore:
                 on_batch=self.metrics.batch_hook(runtime.name),
             )
             await batcher.start()
-            self.models[runtime.name] = ServedModel(runtime, batcher)
+            self.models[runtime.name] = served = ServedModel(runtime, batcher)
+            await asyncio.to_thread(self._load_explainer, served, path, options)
             meta = runtime.metadata
             self.metrics.model_info.labels(meta.name, meta.version, meta.precision, runtime.providers[0]).set(
                 1
@@ -83,6 +101,10 @@ class ScoringCore:
         self.metrics.watch_queues(
             lambda: [(name, s.batcher.depth, s.batcher.in_flight) for name, s in self.models.items()]
         )
+        self.explain_pool = ThreadPoolExecutor(
+            max(1, self.settings.explain_concurrency), thread_name_prefix="musiq-explain"
+        )
+        self.explain_slots = asyncio.Semaphore(max(1, self.settings.explain_concurrency))
         self.default = self.settings.default_model or next(iter(self.models))
         if self.default not in self.models:
             raise ValueError(f"default model {self.default!r} is not among {sorted(self.models)}")
@@ -93,8 +115,26 @@ class ScoringCore:
         self.ready = False
         for served in self.models.values():
             await served.batcher.stop()
-        if self.pool:
-            self.pool.shutdown(wait=True)
+        for pool in (self.pool, self.explain_pool):
+            if pool:
+                pool.shutdown(wait=True)
+
+    def _load_explainer(self, served: ServedModel, path, options: RuntimeOptions) -> None:  # type: ignore[no-untyped-def]
+        """Loads NAME.rollout.onnx if present and made from the same checkpoint as the model."""
+        candidate = rollout_path(path)
+        if not candidate.is_file():
+            return
+        explainer = RolloutRuntime(candidate, options)
+        mine, theirs = served.runtime.metadata.source_sha256, explainer.metadata.source_sha256
+        if mine != theirs:
+            served.explain_problem = (
+                f"{candidate} was exported from another checkpoint (sha256 {theirs[:12]}, model {mine[:12]}); "
+                "re-export it with `musiq export --rollout`"
+            )
+            logger.warning("explanations disabled for %s: %s", served.runtime.name, served.explain_problem)
+            return
+        explainer.warm_up()  # proves the file runs before the server says ready
+        served.explainer = explainer
 
     def model(self, name: str | None) -> ServedModel:
         name = name or self.default
@@ -117,31 +157,25 @@ class ScoringCore:
         p = served.runtime.packing
         return PackingConfig(p.patch_size, p.grid_size, p.longer_sides, limit, pad_native=False)
 
-    def _decode_and_pack(self, data: bytes, packing: PackingConfig) -> tuple[PackedImage, float, float]:
+    def _decode_and_pack(
+        self, data: bytes, packing: PackingConfig
+    ) -> tuple[np.ndarray, PackedImage, float, float]:
         t0 = time.perf_counter()
         pixels = decode_image(data, max_pixels=self.settings.max_pixels)
         t1 = time.perf_counter()
         packed = pack(pixels, packing)
-        return packed, t1 - t0, time.perf_counter() - t1
+        return pixels, packed, t1 - t0, time.perf_counter() - t1
 
-    async def score(
-        self,
-        data: bytes,
-        *,
-        model: str | None = None,
-        max_native_tokens: int | None = None,
-        timeout_s: float | None = None,
-    ) -> ScoreResult:
-        """Scores one encoded image; `timeout_s` (default: the configured one) bounds the wait."""
-        if not self.ready:
-            raise ScoringError(503, "not_ready", "the service is not ready", retry_after_s=1)
-        served = self.model(model)
+    async def _prepare(
+        self, data: bytes, served: ServedModel, max_native_tokens: int | None
+    ) -> tuple[np.ndarray, PackedImage, dict[str, float]]:
+        """Decodes and packs in the thread pool; undecodable input becomes a 4xx ScoringError."""
         packing = self.packing_for(served, max_native_tokens)
         if not data:
             raise ScoringError(400, "empty_body", "the request carries no image bytes")
         loop = asyncio.get_running_loop()
         try:
-            packed, decode_s, pack_s = await loop.run_in_executor(
+            pixels, packed, decode_s, pack_s = await loop.run_in_executor(
                 self.pool, self._decode_and_pack, data, packing
             )
         except ImageTooLargeError as exc:
@@ -151,8 +185,13 @@ class ScoringCore:
             raise ScoringError(status, f"image_{exc.reason}", str(exc)) from exc
         self.metrics.decode_seconds.observe(decode_s)
         self.metrics.pack_seconds.observe(pack_s)
+        return pixels, packed, {"decode_s": decode_s, "pack_s": pack_s}
+
+    async def _infer(
+        self, served: ServedModel, packed: PackedImage, timings: dict[str, float], timeout_s: float | None
+    ) -> ScoreResult:
+        """Queues a packed image on the model's batcher and waits for its score."""
         tokens = served.runtime.padded_length(packed.num_tokens)
-        timings: dict[str, float] = {"decode_s": decode_s, "pack_s": pack_s}
         try:
             prediction = await served.batcher.submit(
                 packed,
@@ -181,3 +220,82 @@ class ScoringCore:
             timings=timings,
             distribution=prediction.distribution,
         )
+
+    def _check_ready(self) -> None:
+        if not self.ready:
+            raise ScoringError(503, "not_ready", "the service is not ready", retry_after_s=1)
+
+    async def score(
+        self,
+        data: bytes,
+        *,
+        model: str | None = None,
+        max_native_tokens: int | None = None,
+        timeout_s: float | None = None,
+    ) -> ScoreResult:
+        """Scores one encoded image; `timeout_s` (default: the configured one) bounds the wait."""
+        self._check_ready()
+        served = self.model(model)
+        _, packed, timings = await self._prepare(data, served, max_native_tokens)
+        return await self._infer(served, packed, timings, timeout_s)
+
+    async def explain(
+        self,
+        data: bytes,
+        *,
+        model: str | None = None,
+        max_native_tokens: int | None = None,
+        timeout_s: float | None = None,
+    ) -> ExplainResult:
+        """The score (through the batcher, as `score` gives it) plus the per-scale attention rollout.
+
+        Bounded apart from scoring: `explain_concurrency` rollouts run at once, at most
+        `explain_max_waiting` wait (beyond: 429), and an image over `explain_max_tokens` is refused.
+        """
+        self._check_ready()
+        served = self.model(model)
+        if served.explainer is None:
+            raise ScoringError(
+                404, "no_explanations", f"model {served.runtime.name!r}: {served.explain_problem}"
+            )
+        if self.explain_waiting >= self.settings.explain_max_waiting:
+            raise ScoringError(429, "queue_full", "too many explanations are waiting", retry_after_s=1)
+        timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout
+        self.explain_waiting += 1
+        try:
+            pixels, packed, timings = await self._prepare(data, served, max_native_tokens)
+            if packed.num_tokens > self.settings.explain_max_tokens:
+                raise ScoringError(
+                    413,
+                    "too_many_tokens",
+                    f"{packed.num_tokens} tokens; explanations take at most {self.settings.explain_max_tokens} "
+                    "(lower max_native_tokens)",
+                )
+            result = await self._infer(served, packed, timings, timeout)
+            assert self.explain_slots is not None
+            try:
+                await asyncio.wait_for(self.explain_slots.acquire(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError as exc:
+                raise ScoringError(
+                    504, "deadline_exceeded", "no explanation slot before the deadline"
+                ) from exc
+        finally:
+            self.explain_waiting -= 1
+        try:
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            rollout = await loop.run_in_executor(self.explain_pool, served.explainer.rollout, packed)
+            t1 = time.perf_counter()
+            scales = await loop.run_in_executor(
+                self.pool, explain_scales, pixels, packed, rollout, self.settings.explain_display_side
+            )
+        except Exception as exc:
+            raise ScoringError(
+                503, "explain_failed", f"explanation failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            self.explain_slots.release()
+        result.timings["rollout_s"] = t1 - t0
+        result.timings["render_s"] = time.perf_counter() - t1
+        return ExplainResult(result, scales)

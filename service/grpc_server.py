@@ -89,6 +89,41 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
         await self._observe("Score", grpc.StatusCode.OK, start)
         return _reply(request.id, result)
 
+    async def Explain(self, request, context):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        remaining = context.time_remaining()
+        timeout = self.core.settings.request_timeout_s
+        if remaining is not None:
+            timeout = min(timeout, max(0.0, remaining))
+        cap = request.max_native_tokens if request.HasField("max_native_tokens") else None
+        try:
+            explained = await self.core.explain(
+                request.image, model=request.model or None, max_native_tokens=cap, timeout_s=timeout
+            )
+        except ScoringError as exc:
+            self.core.metrics.rejected.labels(exc.code).inc()
+            status = _STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
+            await self._observe("Explain", status, start)
+            await context.abort(status, f"{exc.code}: {exc.message}")
+        await self._observe("Explain", grpc.StatusCode.OK, start)
+        return quality_pb2.ExplainReply(
+            score=_reply(request.id, explained.result),
+            scales=[
+                quality_pb2.ScaleExplanation(
+                    scale_id=s.scale_id,
+                    longer_side=s.longer_side or 0,
+                    height=s.height,
+                    width=s.width,
+                    grid_h=s.grid_h,
+                    grid_w=s.grid_w,
+                    weights=s.weights.ravel().tolist(),
+                    share=s.share,
+                    heatmap_png=s.heatmap_png,
+                )
+                for s in explained.scales
+            ],
+        )
+
     async def ScoreBatch(self, request, context):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         limit = self.core.settings.max_batch_items

@@ -1,5 +1,5 @@
-"""REST API (FastAPI): `POST /v1/score`, `POST /v1/score:batch`, `GET /v1/models`, `/healthz`,
-`/readyz`, `/metrics`; its lifespan also runs the gRPC server over the same scoring core.
+"""REST API (FastAPI): `POST /v1/score`, `POST /v1/score:batch`, `POST /v1/explain`, `GET /v1/models`,
+`/healthz`, `/readyz`, `/metrics`, and the web page at `/` (`service/static/`); its lifespan also runs the gRPC server over the same scoring core.
 
 Every error has one JSON shape, `{"error": {"code", "message"}}`, and a 4xx status for anything
 the client can fix (429 and 503 carry `Retry-After`). Bodies are read up to the configured limit
@@ -15,15 +15,17 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, Field
 
-from service.core import ScoreResult, ScoringCore, ScoringError
+from service.core import ExplainResult, ScoreResult, ScoringCore, ScoringError
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
@@ -46,6 +48,30 @@ class ScoreResponse(BaseModel):
     distribution: list[float] | None = Field(
         None, description="10-bin heads only: the opinion-score distribution"
     )
+
+
+class ScaleExplanationModel(BaseModel):
+    scale_id: int
+    longer_side: int | None = Field(description="the resized scale's longer side; null for the native scale")
+    height: int = Field(description="the image height the model saw at this scale")
+    width: int
+    grid_h: int
+    grid_w: int
+    share: float = Field(description="this scale's part of the whole rollout (all scales sum to 1)")
+    weights: list[list[float | None]] = Field(
+        description="rollout weight of each patch, [grid_h][grid_w]; null where no token was packed"
+    )
+    heatmap_png: str = Field(description="base64 PNG: the weights drawn over the image")
+
+
+class ExplainTimings(Timings):
+    rollout_s: float = Field(description="the explanation graph's inference")
+    render_s: float = Field(description="drawing the heatmaps")
+
+
+class ExplainResponse(ScoreResponse):
+    timings: ExplainTimings
+    scales: list[ScaleExplanationModel] = Field(description="one per scale, in packing order")
 
 
 class BatchItem(BaseModel):
@@ -135,9 +161,11 @@ def _receive_from(body: bytes):  # type: ignore[no-untyped-def]
     return receive
 
 
-async def unless_disconnected(
-    request: Request, work: Awaitable[ScoreResult], poll_s: float = 0.05
-) -> ScoreResult:
+T = TypeVar("T")
+STATIC = Path(__file__).parent / "static"
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T], poll_s: float = 0.05) -> T:
     """Runs `work`, cancelling it if the client goes away: its queued image then costs nothing."""
     task = asyncio.ensure_future(work)
     try:
@@ -164,6 +192,27 @@ def to_response(result: ScoreResult) -> ScoreResponse:
         ),
         distribution=list(result.distribution) if result.distribution is not None else None,
     )
+
+
+def to_explain_response(explained: ExplainResult) -> ExplainResponse:
+    scales = [
+        ScaleExplanationModel(
+            scale_id=s.scale_id,
+            longer_side=s.longer_side,
+            height=s.height,
+            width=s.width,
+            grid_h=s.grid_h,
+            grid_w=s.grid_w,
+            share=s.share,
+            weights=[[None if math.isnan(v) else v for v in row] for row in s.weights.tolist()],
+            heatmap_png=base64.b64encode(s.heatmap_png).decode("ascii"),
+        )
+        for s in explained.scales
+    ]
+    base = to_response(explained.result).model_dump()
+    t = explained.result.timings
+    base["timings"] = ExplainTimings(**base["timings"], rollout_s=t["rollout_s"], render_s=t["render_s"])
+    return ExplainResponse(**base, scales=scales)
 
 
 class RequestMetrics:
@@ -258,6 +307,28 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         data = await image_bytes(request, settings.max_body_bytes)
         work = core.score(data, model=model, max_native_tokens=max_native_tokens)
         return to_response(await unless_disconnected(request, work))
+
+    @app.post(
+        "/v1/explain",
+        response_model=ExplainResponse,
+        summary="Score one image and show where the model looked",
+        description="Same body forms as /v1/score. Adds, for each scale, the CLS attention rollout on "
+        "that scale's patch grid and a PNG heatmap of it over the image. Needs the model's explanation "
+        "graph (NAME.rollout.onnx beside NAME.onnx); bounded apart from scoring (MUSIQ_EXPLAIN_*).",
+        responses={
+            404: {"description": "unknown model, or the model has no explanation graph"},
+            413: {"description": "body, image or token count too large"},
+            429: {"description": "too many explanations waiting; see Retry-After"},
+        },
+    )
+    async def explain(
+        request: Request,
+        model: Annotated[str | None, Query(description="model name (default: the server's default)")] = None,
+        max_native_tokens: Annotated[int | None, Query(ge=0, description="cap on native tokens")] = None,
+    ) -> ExplainResponse:
+        data = await image_bytes(request, settings.max_body_bytes)
+        work = core.explain(data, model=model, max_native_tokens=max_native_tokens)
+        return to_explain_response(await unless_disconnected(request, work))
 
     @app.post(
         "/v1/score:batch",
@@ -368,5 +439,11 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
             return JSONResponse({"status": "ready", "models": sorted(core.models)})
         return error(503, "not_ready", "models are loading or the server is stopping", retry_after_s=1)
 
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        """The web page: pick or drop images, see scores, heatmaps and a ranking (no CDN, no build)."""
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app

@@ -41,6 +41,10 @@ class ServiceSettings(BaseSettings):
     intra_op_threads: int = 0
     pad_multiple: int = 1
     providers: list[str] = Field(default_factory=list)
+    explain_concurrency: int = Field(1, description="attention rollouts (/v1/explain) computed at once")
+    explain_max_waiting: int = Field(8, description="explanations allowed to wait; beyond, 429")
+    explain_max_tokens: int = Field(1024, description="largest packed image an explanation accepts")
+    explain_display_side: int = Field(512, description="longest side of a heatmap PNG, in pixels")
 
     def model_paths(self) -> list[Path]:
         return list(self.models) or [EMBEDDED_ONNX]

@@ -92,3 +92,22 @@ def test_client_imports_no_torch_or_numpy() -> None:
     code = "import sys, musiq_client; print('torch' in sys.modules, 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_explain_sync_and_async(endpoints: tuple[str, str]) -> None:
+    data = jpeg(seed=5)
+    with Client(endpoints[0]) as client:
+        explained = client.explain(data)
+        assert explained.result.score == client.score(data).score
+        with pytest.raises(MusiqError) as err:
+            client.explain(b"junk")
+        assert err.value.status == 415 and err.value.code == "image_unrecognised"
+    assert [s.longer_side for s in explained.scales] == [224, 384, None]
+    assert all(s.heatmap_png.startswith(b"\x89PNG") for s in explained.scales)
+    assert all(len(s.weights) == s.grid_h and len(s.weights[0]) == s.grid_w for s in explained.scales)
+
+    async def run() -> float:
+        async with AsyncClient(endpoints[0]) as client:
+            return (await client.explain(data)).result.score
+
+    assert asyncio.run(run()) == explained.result.score

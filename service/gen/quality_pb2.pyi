@@ -69,3 +69,33 @@ class ScoreBatchReply(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoreReply]
     def __init__(self, results: _Optional[_Iterable[_Union[ScoreReply, _Mapping]]] = ...) -> None: ...
+
+class ScaleExplanation(_message.Message):
+    __slots__ = ("scale_id", "longer_side", "height", "width", "grid_h", "grid_w", "weights", "share", "heatmap_png")
+    SCALE_ID_FIELD_NUMBER: _ClassVar[int]
+    LONGER_SIDE_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    GRID_H_FIELD_NUMBER: _ClassVar[int]
+    GRID_W_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_PNG_FIELD_NUMBER: _ClassVar[int]
+    scale_id: int
+    longer_side: int
+    height: int
+    width: int
+    grid_h: int
+    grid_w: int
+    weights: _containers.RepeatedScalarFieldContainer[float]
+    share: float
+    heatmap_png: bytes
+    def __init__(self, scale_id: _Optional[int] = ..., longer_side: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., grid_h: _Optional[int] = ..., grid_w: _Optional[int] = ..., weights: _Optional[_Iterable[float]] = ..., share: _Optional[float] = ..., heatmap_png: _Optional[bytes] = ...) -> None: ...
+
+class ExplainReply(_message.Message):
+    __slots__ = ("score", "scales")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    SCALES_FIELD_NUMBER: _ClassVar[int]
+    score: ScoreReply
+    scales: _containers.RepeatedCompositeFieldContainer[ScaleExplanation]
+    def __init__(self, score: _Optional[_Union[ScoreReply, _Mapping]] = ..., scales: _Optional[_Iterable[_Union[ScaleExplanation, _Mapping]]] = ...) -> None: ...

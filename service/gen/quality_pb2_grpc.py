@@ -49,6 +49,11 @@ class QualityStub:
                 request_serializer=musiq_dot_v1_dot_quality__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=musiq_dot_v1_dot_quality__pb2.ScoreReply.FromString,
                 _registered_method=True)
+        self.Explain = channel.unary_unary(
+                '/musiq.v1.Quality/Explain',
+                request_serializer=musiq_dot_v1_dot_quality__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=musiq_dot_v1_dot_quality__pb2.ExplainReply.FromString,
+                _registered_method=True)
 
 
 class QualityServicer:
@@ -76,6 +81,14 @@ class QualityServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """The score plus, per scale, the CLS attention rollout and a PNG heatmap over the image
+        (the model needs its explanation graph; NOT_FOUND otherwise).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QualityServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_QualityServicer_to_server(servicer, server):
                     servicer.ScoreStream,
                     request_deserializer=musiq_dot_v1_dot_quality__pb2.ScoreRequest.FromString,
                     response_serializer=musiq_dot_v1_dot_quality__pb2.ScoreReply.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=musiq_dot_v1_dot_quality__pb2.ScoreRequest.FromString,
+                    response_serializer=musiq_dot_v1_dot_quality__pb2.ExplainReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class Quality:
             '/musiq.v1.Quality/ScoreStream',
             musiq_dot_v1_dot_quality__pb2.ScoreRequest.SerializeToString,
             musiq_dot_v1_dot_quality__pb2.ScoreReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/musiq.v1.Quality/Explain',
+            musiq_dot_v1_dot_quality__pb2.ScoreRequest.SerializeToString,
+            musiq_dot_v1_dot_quality__pb2.ExplainReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,137 @@
+"""The web page at `/` end to end in a real headless Chromium (Debian's `chromium`, driven by
+Playwright; never `playwright install`): pick and drop images, wait for the scores, check each
+equals the API's score for the same bytes, the heatmaps and the ranking. A screenshot is saved
+(to $MUSIQ_SCREENSHOT when set: that is how docs/web-page.png is made)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.settings import ServiceSettings
+from tests.helpers import jpeg, start_server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def photo(longer: int, name: str = "astronaut", quality: int = 90) -> bytes:
+    from skimage import data
+
+    image = Image.fromarray(getattr(data, name)())
+    image.thumbnail((longer, longer))
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    srv, thread, url = start_server(ServiceSettings(host="127.0.0.1", grpc_enabled=False))
+    yield url
+    srv.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).exists(), "Debian's chromium is needed (apt-get install chromium; .ci/run does)"
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield b
+        b.close()
+
+
+def api_score(url: str, data: bytes) -> float:
+    r = httpx.post(f"{url}/v1/score", content=data, headers={"Content-Type": "image/jpeg"}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["score"]
+
+
+def test_page_scores_explains_and_ranks(server: str, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    files = {
+        "astronaut.jpg": photo(400),
+        "coffee-blocky.jpg": photo(400, "coffee", quality=5),
+    }
+    dropped = {"chelsea.jpg": photo(300, "chelsea")}
+    page = browser.new_page(viewport={"width": 1300, "height": 1000})
+    requests: list[str] = []
+    page.on("request", lambda req: requests.append(req.url))
+    page.goto(server + "/")
+    page.wait_for_selector("#model:has-text('musiq-clive-small')")
+
+    page.set_input_files(
+        "#files", [{"name": n, "mimeType": "image/jpeg", "buffer": data} for n, data in files.items()]
+    )
+    # Dropping: a real `drop` event carrying a DataTransfer with the file, as the browser makes it.
+    ((name, data),) = dropped.items()
+    page.evaluate(
+        """([name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/jpeg" }));
+            document.getElementById("drop").dispatchEvent(
+                new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        }""",
+        [name, base64.b64encode(data).decode()],
+    )
+    files.update(dropped)
+
+    for name, data in files.items():
+        score = page.wait_for_selector(f'.card[data-name="{name}"] .score', timeout=120_000)
+        shown = float(score.get_attribute("data-score"))
+        assert shown == api_score(server, data), name  # exactly the API's score for the same bytes
+        assert score.inner_text() == f"{shown:.2f}"
+        heatmaps = page.locator(f'.card[data-name="{name}"] figure.heatmap img')
+        assert heatmaps.count() == 3
+        for i in range(3):  # decoded by the browser, not just present
+            assert heatmaps.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
+
+    ranking = page.locator("#ranking li")
+    ranked = [
+        (ranking.nth(i).get_attribute("data-name"), float(ranking.nth(i).get_attribute("data-score")))
+        for i in range(ranking.count())
+    ]
+    assert sorted(n for n, _ in ranked) == sorted(files)
+    assert [s for _, s in ranked] == sorted((s for _, s in ranked), reverse=True)
+
+    assert all(u.startswith(server) or u.startswith("data:") for u in requests), requests  # no CDN
+    shot = Path(os.environ.get("MUSIQ_SCREENSHOT", tmp_path / "web-page.png"))
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    page.close()
+
+
+def test_page_shows_the_error_of_a_bad_file(server: str, browser) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    page.goto(server + "/")
+    page.set_input_files(
+        "#files",
+        [
+            {"name": "notes.txt", "mimeType": "text/plain", "buffer": b"not an image"},
+            {"name": "ok.jpg", "mimeType": "image/jpeg", "buffer": jpeg()},
+        ],
+    )
+    error = page.wait_for_selector('.card[data-name="notes.txt"] .error', timeout=60_000)
+    assert error.inner_text().startswith("image_unrecognised: not a recognised image format")
+    page.wait_for_selector('.card[data-name="ok.jpg"] .score', timeout=120_000)
+    assert page.locator("#ranking li").count() == 1  # the failed file is not ranked
+    page.close()
