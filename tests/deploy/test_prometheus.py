@@ -112,14 +112,18 @@ def served_metric_names() -> set[str]:
 
     srv, thread, url = start_server(ServiceSettings(grpc_enabled=False))
     try:
-        assert httpx.post(f"{url}/v1/score", content=jpeg(), headers={"content-type": "image/jpeg"}).is_success
+        assert httpx.post(
+            f"{url}/v1/score", content=jpeg(), headers={"content-type": "image/jpeg"}
+        ).is_success
         # A refused request, so the rejection counter has a series.
         httpx.post(f"{url}/v1/score", content=b"", headers={"content-type": "image/jpeg"})
         text = httpx.get(f"{url}/metrics").text
     finally:
         srv.should_exit = True
         thread.join(30)
-    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
+    }
 
 
 def test_rules_and_dashboard_read_metrics_the_server_exports(served_metric_names: set[str]) -> None:
