@@ -22,9 +22,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.rest import create_app
     from service.settings import ServiceSettings
 
-    overrides = {
-        k: v for k, v in {"models": args.model, "host": args.host, "http_port": args.port}.items() if v
-    }
+    given = {"models": args.model, "host": args.host, "http_port": args.port, "grpc_port": args.grpc_port}
+    overrides = {k: v for k, v in given.items() if v is not None}
     settings = ServiceSettings(**overrides)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_level="info")
     return 0
