@@ -15,9 +15,9 @@ from tests.helpers import free_port
 
 def test_serve_flags_choose_the_rest_and_grpc_ports() -> None:
     http_port, grpc_port = free_port(), free_port()
+    args = ["--host", "127.0.0.1", "--port", str(http_port), "--grpc-port", str(grpc_port)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1", "--port", str(http_port)]
-        + ["--grpc-port", str(grpc_port)],
+        [sys.executable, "-m", "cli", "serve", *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
