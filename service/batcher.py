@@ -14,6 +14,9 @@ within a token budget. Scheduling rules, in order:
 - **Deadlines and cancellation.** An item whose deadline passed, or whose caller went away, is
   dropped before it costs compute; its caller gets `DeadlineExceeded` (or nothing, if gone).
 - **Graceful stop.** `stop()` refuses new items and finishes every accepted one.
+- **Hung models.** A batch that runs past `run_timeout_s` fails its callers (`InferenceTimeout`)
+  instead of holding them; its thread cannot be killed, so until it returns every later batch
+  fails at once (`ModelStuck`) rather than piling more threads onto a model that hangs.
 
 One worker task per batcher runs batches one at a time through `run_batch` in a thread (ONNX
 Runtime releases the GIL), forming the next batch while the current one computes. Framework-free:
@@ -58,6 +61,16 @@ class DeadlineExceeded(BatcherError):
         super().__init__(f"deadline passed after {waited_s:.3f} s in the queue")
 
 
+class InferenceTimeout(BatcherError):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"inference did not finish within {timeout_s:g} s")
+
+
+class ModelStuck(BatcherError):
+    def __init__(self) -> None:
+        super().__init__("the model is still stuck in an earlier inference that timed out")
+
+
 class ItemTooLarge(BatcherError):
     def __init__(self, tokens: int, budget: int) -> None:
         super().__init__(f"an item of {tokens} tokens exceeds the batch budget of {budget} tokens")
@@ -69,6 +82,7 @@ class BatcherConfig:
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.004
     max_queue_items: int = 512
+    run_timeout_s: float | None = None  # a batch running longer is a model fault
     # Upper edges of the length buckets; longer items share the last bucket.
     buckets: tuple[int, ...] = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -134,6 +148,7 @@ class Batcher(Generic[T, R]):
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tokens_per_s = 0.0  # EWMA of measured throughput, for retry-after estimates
+        self._stuck: asyncio.Future[Sequence[R]] | None = None  # a timed-out batch still running
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -159,6 +174,11 @@ class Batcher(Generic[T, R]):
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def stuck(self) -> bool:
+        """Whether a batch that timed out is still running in its thread."""
+        return self._stuck is not None and not self._stuck.done()
 
     # ------------------------------------------------------------------ submitting
 
@@ -280,6 +300,18 @@ class Batcher(Generic[T, R]):
             self._buckets[oldest.bucket] = keep
             await self._dispatch(batch)
 
+    async def _run(self, items: list[T]) -> Sequence[R]:
+        if self.stuck:
+            raise ModelStuck()
+        running = asyncio.get_running_loop().run_in_executor(None, self.run_batch, items)
+        timeout = self.config.run_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(running), timeout)
+        except TimeoutError:
+            self._stuck = running
+            running.add_done_callback(_consume)  # its late result or error is nobody's
+            raise InferenceTimeout(timeout or 0.0) from None
+
     async def _dispatch(self, batch: list[_Entry[T, R]]) -> None:
         start = self.clock()
         waits = tuple(start - e.enqueued for e in batch)
@@ -288,7 +320,7 @@ class Batcher(Generic[T, R]):
         self._in_flight += len(batch)
         error: str | None = None
         try:
-            results = await asyncio.to_thread(self.run_batch, [e.item for e in batch])
+            results = await self._run([e.item for e in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # the model failed: every caller of this batch learns why
@@ -315,3 +347,8 @@ class Batcher(Generic[T, R]):
                 self.on_batch(BatchInfo(len(batch), padded, real, waits, run_s, error))
             except Exception:  # a metrics hook must never stop the worker
                 logger.exception("on_batch hook failed")
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log "exception never retrieved"
