@@ -10,7 +10,10 @@ within a token budget. Scheduling rules, in order:
 - **Bounded wait.** A batch that is not full leaves when its oldest item has waited
   `max_queue_delay_s`; a full one leaves at once.
 - **Backpressure.** At most `max_queue_items` wait; beyond that `submit` raises `QueueFull` with a
-  retry-after estimate from the measured service rate (HTTP 429 / gRPC RESOURCE_EXHAUSTED).
+  retry-after estimate from the measured service rate (HTTP 429 / gRPC RESOURCE_EXHAUSTED). An
+  item that, at the measured rate, would wait past its own deadline is refused the same way
+  (`WouldMissDeadline`) at once, instead of being accepted only to time out: under overload the
+  accepted items finish in time and the rest learn immediately when to come back.
 - **Deadlines and cancellation.** An item whose deadline passed, or whose caller went away, is
   dropped before it costs compute; its caller gets `DeadlineExceeded` (or nothing, if gone).
 - **Graceful stop.** `stop()` refuses new items and finishes every accepted one.
@@ -37,6 +40,10 @@ from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
+# An item is refused at once when the work ahead of it would use more than this share of its
+# deadline: the estimate is an average, and the rest absorbs batches slower than average.
+ADMISSION_SHARE = 0.75
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -48,6 +55,16 @@ class BatcherError(RuntimeError):
 class QueueFull(BatcherError):
     def __init__(self, depth: int, retry_after_s: float) -> None:
         super().__init__(f"queue full ({depth} items waiting); retry in {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class WouldMissDeadline(QueueFull):
+    def __init__(self, depth: int, wait_s: float, timeout_s: float, retry_after_s: float) -> None:
+        BatcherError.__init__(
+            self,
+            f"about {wait_s:.1f} s of work is queued ahead, more than the {timeout_s:g} s deadline; "
+            f"retry in {retry_after_s:.0f} s",
+        )
         self.retry_after_s = retry_after_s
 
 
@@ -144,6 +161,7 @@ class Batcher(Generic[T, R]):
         self._buckets: list[deque[_Entry[T, R]]] = [deque() for _ in range(len(config.buckets) + 1)]
         self._pending = 0
         self._in_flight = 0
+        self._in_flight_tokens = 0
         self._closing = False
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -182,6 +200,27 @@ class Batcher(Generic[T, R]):
 
     # ------------------------------------------------------------------ submitting
 
+    def seed_rate(self, tokens_per_s: float) -> None:
+        """A first throughput estimate (from the warm-up) until real batches are measured."""
+        if self._tokens_per_s == 0 and tokens_per_s > 0:
+            self._tokens_per_s = tokens_per_s
+
+    def expected_wait_s(self, tokens: int) -> float:
+        """Seconds until an item of `tokens` would be answered, from every token waiting or
+        running ahead of it at the measured rate (0 before any batch was measured)."""
+        if self._tokens_per_s <= 0:
+            return 0.0
+        ahead = sum(e.tokens for b in self._buckets for e in b if not e.future.done())
+        return (ahead + self._in_flight_tokens + tokens) / self._tokens_per_s
+
+    def check_deadline(self, tokens: int, timeout_s: float | None) -> None:
+        """Raises WouldMissDeadline if an item of `tokens` queued now would likely miss `timeout_s`.
+
+        Callers may ask before doing expensive work for an item (tokens=0: the queue alone), so
+        that refusing under overload costs next to nothing."""
+        if timeout_s is not None and (wait := self.expected_wait_s(tokens)) > ADMISSION_SHARE * timeout_s:
+            raise WouldMissDeadline(self._pending, wait, timeout_s, self.retry_after_s())
+
     def retry_after_s(self) -> float:
         """Seconds until the queue has room, from the measured service rate (1 s .. 60 s)."""
         waiting = sum(e.tokens for b in self._buckets for e in b)
@@ -206,6 +245,7 @@ class Batcher(Generic[T, R]):
             raise ItemTooLarge(tokens, self.config.max_batch_tokens)
         if self._pending >= self.config.max_queue_items:
             raise QueueFull(self._pending, self.retry_after_s())
+        self.check_deadline(tokens, timeout_s)
         now = self.clock()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         bucket = bisect.bisect_left(self.config.buckets, tokens)
@@ -318,6 +358,7 @@ class Batcher(Generic[T, R]):
         padded = max(e.tokens for e in batch)
         real = sum(e.tokens for e in batch)
         self._in_flight += len(batch)
+        self._in_flight_tokens += real
         error: str | None = None
         try:
             results = await self._run([e.item for e in batch])
@@ -334,6 +375,7 @@ class Batcher(Generic[T, R]):
                     e.future.set_result(r)
         finally:
             self._in_flight -= len(batch)
+            self._in_flight_tokens -= real
         run_s = self.clock() - start
         for e, wait in zip(batch, waits, strict=True):
             if e.timings is not None:

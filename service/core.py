@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from model.config import PackingConfig
 from model.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from model.packing import PackedImage, pack
@@ -27,6 +29,7 @@ from service.batcher import (
     ModelStuck,
     QueueFull,
     ShuttingDown,
+    WouldMissDeadline,
 )
 from service.metrics import ServiceMetrics
 from service.runtime import ModelRuntime, Prediction, RuntimeOptions
@@ -160,11 +163,18 @@ class ScoringCore:
                     f"two models are named {runtime.name!r}: {path} and {self.models[runtime.name].runtime.path}"
                 )
             await asyncio.to_thread(runtime.warm_up)
+            # A second, timed warm-up gives the batcher a first throughput estimate, so that even
+            # the first burst of requests is admitted only as far as it can meet its deadline.
+            warm_tokens = pack(np.full((64, 64, 3), 128, np.uint8), runtime.packing).num_tokens
+            start = time.perf_counter()
+            await asyncio.to_thread(runtime.warm_up)
+            warm_s = time.perf_counter() - start
             batcher: Batcher[PackedImage, Prediction] = Batcher(
                 runtime.predict,
                 self.settings.batcher_config(),
                 on_batch=self._on_batch(runtime.name),
             )
+            batcher.seed_rate(warm_tokens / max(warm_s, 1e-6))
             await batcher.start()
             self.models[runtime.name] = ServedModel(runtime, batcher)
             meta = runtime.metadata
@@ -245,6 +255,11 @@ class ScoringCore:
                 f"{self.in_progress} requests in progress, the limit is {self.settings.max_in_progress}",
                 retry_after_s=served.batcher.retry_after_s(),
             )
+        timeout_s = self.settings.request_timeout_s if timeout_s is None else timeout_s
+        try:
+            served.batcher.check_deadline(0, timeout_s)  # before decoding: a refusal must be cheap
+        except WouldMissDeadline as exc:
+            raise ScoringError(429, "overloaded", str(exc), retry_after_s=exc.retry_after_s) from exc
         self.in_progress += 1
         try:
             return await self._score(served, data, max_native_tokens, timeout_s)
@@ -252,7 +267,7 @@ class ScoringCore:
             self.in_progress -= 1
 
     async def _score(
-        self, served: ServedModel, data: bytes, max_native_tokens: int | None, timeout_s: float | None
+        self, served: ServedModel, data: bytes, max_native_tokens: int | None, timeout_s: float
     ) -> ScoreResult:
         packing = self.packing_for(served, max_native_tokens)
         if not data:
@@ -275,9 +290,11 @@ class ScoringCore:
             prediction = await served.batcher.submit(
                 packed,
                 tokens,
-                timeout_s=self.settings.request_timeout_s if timeout_s is None else timeout_s,
+                timeout_s=timeout_s,
                 timings=timings,
             )
+        except WouldMissDeadline as exc:
+            raise ScoringError(429, "overloaded", str(exc), retry_after_s=exc.retry_after_s) from exc
         except QueueFull as exc:
             raise ScoringError(429, "queue_full", str(exc), retry_after_s=exc.retry_after_s) from exc
         except ShuttingDown as exc:
