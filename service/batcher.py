@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 # An item is refused at once when the work ahead of it would use more than this share of its
 # deadline: the estimate is an average, and the rest absorbs batches slower than average.
-ADMISSION_SHARE = 0.75
+ADMISSION_SHARE = 0.5
 
 T = TypeVar("T")
 R = TypeVar("R")
