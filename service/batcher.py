@@ -207,11 +207,14 @@ class Batcher(Generic[T, R]):
 
     def expected_wait_s(self, tokens: int) -> float:
         """Seconds until an item of `tokens` would be answered, from every token waiting or
-        running ahead of it at the measured rate (0 before any batch was measured)."""
-        if self._tokens_per_s <= 0:
-            return 0.0
-        ahead = sum(e.tokens for b in self._buckets for e in b if not e.future.done())
-        return (ahead + self._in_flight_tokens + tokens) / self._tokens_per_s
+        running ahead of it at the measured rate (0 before any measurement or with nothing ahead)."""
+        ahead = self._tokens_ahead()
+        if self._tokens_per_s <= 0 or ahead == 0:
+            return 0.0  # nothing ahead: waiting would not help, so the item is always tried
+        return (ahead + tokens) / self._tokens_per_s
+
+    def _tokens_ahead(self) -> int:
+        return sum(e.tokens for b in self._buckets for e in b if not e.future.done()) + self._in_flight_tokens
 
     def check_deadline(self, tokens: int, timeout_s: float | None) -> None:
         """Raises WouldMissDeadline if an item of `tokens` queued now would likely miss `timeout_s`.

@@ -35,8 +35,8 @@ SERVER_ENV = {
     "MUSIQ_MAX_QUEUE_DELAY_S": "0.005",
     "MUSIQ_DECODE_THREADS": "2",
     # The patch stem's activations cost ~0.25 MB per token on CPU: the token budget bounds memory.
-    "MUSIQ_MAX_BATCH_TOKENS": "2048",
-    "MUSIQ_MAX_BATCH_SIZE": "8",
+    "MUSIQ_MAX_BATCH_TOKENS": "1024",
+    "MUSIQ_MAX_BATCH_SIZE": "4",
 }
 DEADLINE_S = 5.0
 
