@@ -10,10 +10,16 @@ within a token budget. Scheduling rules, in order:
 - **Bounded wait.** A batch that is not full leaves when its oldest item has waited
   `max_queue_delay_s`; a full one leaves at once.
 - **Backpressure.** At most `max_queue_items` wait; beyond that `submit` raises `QueueFull` with a
-  retry-after estimate from the measured service rate (HTTP 429 / gRPC RESOURCE_EXHAUSTED).
+  retry-after estimate from the measured service rate (HTTP 429 / gRPC RESOURCE_EXHAUSTED). An
+  item that, at the measured rate, would wait past its own deadline is refused the same way
+  (`WouldMissDeadline`) at once, instead of being accepted only to time out: under overload the
+  accepted items finish in time and the rest learn immediately when to come back.
 - **Deadlines and cancellation.** An item whose deadline passed, or whose caller went away, is
   dropped before it costs compute; its caller gets `DeadlineExceeded` (or nothing, if gone).
 - **Graceful stop.** `stop()` refuses new items and finishes every accepted one.
+- **Hung models.** A batch that runs past `run_timeout_s` fails its callers (`InferenceTimeout`)
+  instead of holding them; its thread cannot be killed, so until it returns every later batch
+  fails at once (`ModelStuck`) rather than piling more threads onto a model that hangs.
 
 One worker task per batcher runs batches one at a time through `run_batch` in a thread (ONNX
 Runtime releases the GIL), forming the next batch while the current one computes. Framework-free:
@@ -34,6 +40,10 @@ from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
+# An item is refused at once when the work ahead of it would use more than this share of its
+# deadline: the estimate is an average, and the rest absorbs batches slower than average.
+ADMISSION_SHARE = 0.5
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -48,6 +58,16 @@ class QueueFull(BatcherError):
         self.retry_after_s = retry_after_s
 
 
+class WouldMissDeadline(QueueFull):
+    def __init__(self, depth: int, wait_s: float, timeout_s: float, retry_after_s: float) -> None:
+        BatcherError.__init__(
+            self,
+            f"about {wait_s:.1f} s of work is queued ahead, more than the {timeout_s:g} s deadline; "
+            f"retry in {retry_after_s:.0f} s",
+        )
+        self.retry_after_s = retry_after_s
+
+
 class ShuttingDown(BatcherError):
     def __init__(self) -> None:
         super().__init__("the server is shutting down and accepts no new work")
@@ -56,6 +76,16 @@ class ShuttingDown(BatcherError):
 class DeadlineExceeded(BatcherError):
     def __init__(self, waited_s: float) -> None:
         super().__init__(f"deadline passed after {waited_s:.3f} s in the queue")
+
+
+class InferenceTimeout(BatcherError):
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(f"inference did not finish within {timeout_s:g} s")
+
+
+class ModelStuck(BatcherError):
+    def __init__(self) -> None:
+        super().__init__("the model is still stuck in an earlier inference that timed out")
 
 
 class ItemTooLarge(BatcherError):
@@ -69,6 +99,7 @@ class BatcherConfig:
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.004
     max_queue_items: int = 512
+    run_timeout_s: float | None = None  # a batch running longer is a model fault
     # Upper edges of the length buckets; longer items share the last bucket.
     buckets: tuple[int, ...] = (256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
@@ -130,10 +161,12 @@ class Batcher(Generic[T, R]):
         self._buckets: list[deque[_Entry[T, R]]] = [deque() for _ in range(len(config.buckets) + 1)]
         self._pending = 0
         self._in_flight = 0
+        self._in_flight_tokens = 0
         self._closing = False
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._tokens_per_s = 0.0  # EWMA of measured throughput, for retry-after estimates
+        self._stuck: asyncio.Future[Sequence[R]] | None = None  # a timed-out batch still running
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,7 +193,36 @@ class Batcher(Generic[T, R]):
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def stuck(self) -> bool:
+        """Whether a batch that timed out is still running in its thread."""
+        return self._stuck is not None and not self._stuck.done()
+
     # ------------------------------------------------------------------ submitting
+
+    def seed_rate(self, tokens_per_s: float) -> None:
+        """A first throughput estimate (from the warm-up) until real batches are measured."""
+        if self._tokens_per_s == 0 and tokens_per_s > 0:
+            self._tokens_per_s = tokens_per_s
+
+    def expected_wait_s(self, tokens: int) -> float:
+        """Seconds until an item of `tokens` would be answered, from every token waiting or
+        running ahead of it at the measured rate (0 before any measurement or with nothing ahead)."""
+        ahead = self._tokens_ahead()
+        if self._tokens_per_s <= 0 or ahead == 0:
+            return 0.0  # nothing ahead: waiting would not help, so the item is always tried
+        return (ahead + tokens) / self._tokens_per_s
+
+    def _tokens_ahead(self) -> int:
+        return sum(e.tokens for b in self._buckets for e in b if not e.future.done()) + self._in_flight_tokens
+
+    def check_deadline(self, tokens: int, timeout_s: float | None) -> None:
+        """Raises WouldMissDeadline if an item of `tokens` queued now would likely miss `timeout_s`.
+
+        Callers may ask before doing expensive work for an item (tokens=0: the queue alone), so
+        that refusing under overload costs next to nothing."""
+        if timeout_s is not None and (wait := self.expected_wait_s(tokens)) > ADMISSION_SHARE * timeout_s:
+            raise WouldMissDeadline(self._pending, wait, timeout_s, self.retry_after_s())
 
     def retry_after_s(self) -> float:
         """Seconds until the queue has room, from the measured service rate (1 s .. 60 s)."""
@@ -186,6 +248,7 @@ class Batcher(Generic[T, R]):
             raise ItemTooLarge(tokens, self.config.max_batch_tokens)
         if self._pending >= self.config.max_queue_items:
             raise QueueFull(self._pending, self.retry_after_s())
+        self.check_deadline(tokens, timeout_s)
         now = self.clock()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         bucket = bisect.bisect_left(self.config.buckets, tokens)
@@ -280,15 +343,28 @@ class Batcher(Generic[T, R]):
             self._buckets[oldest.bucket] = keep
             await self._dispatch(batch)
 
+    async def _run(self, items: list[T]) -> Sequence[R]:
+        if self.stuck:
+            raise ModelStuck()
+        running = asyncio.get_running_loop().run_in_executor(None, self.run_batch, items)
+        timeout = self.config.run_timeout_s
+        try:
+            return await asyncio.wait_for(asyncio.shield(running), timeout)
+        except TimeoutError:
+            self._stuck = running
+            running.add_done_callback(_consume)  # its late result or error is nobody's
+            raise InferenceTimeout(timeout or 0.0) from None
+
     async def _dispatch(self, batch: list[_Entry[T, R]]) -> None:
         start = self.clock()
         waits = tuple(start - e.enqueued for e in batch)
         padded = max(e.tokens for e in batch)
         real = sum(e.tokens for e in batch)
         self._in_flight += len(batch)
+        self._in_flight_tokens += real
         error: str | None = None
         try:
-            results = await asyncio.to_thread(self.run_batch, [e.item for e in batch])
+            results = await self._run([e.item for e in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} items")
         except Exception as exc:  # the model failed: every caller of this batch learns why
@@ -302,6 +378,7 @@ class Batcher(Generic[T, R]):
                     e.future.set_result(r)
         finally:
             self._in_flight -= len(batch)
+            self._in_flight_tokens -= real
         run_s = self.clock() - start
         for e, wait in zip(batch, waits, strict=True):
             if e.timings is not None:
@@ -315,3 +392,8 @@ class Batcher(Generic[T, R]):
                 self.on_batch(BatchInfo(len(batch), padded, real, waits, run_s, error))
             except Exception:  # a metrics hook must never stop the worker
                 logger.exception("on_batch hook failed")
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved, so asyncio does not log "exception never retrieved"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from typing import Any
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,8 +24,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.rest import create_app
     from service.settings import ServiceSettings
 
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM / SIGINT readiness drops and new requests (REST and gRPC) get 503 at once,
+        while uvicorn stops accepting connections and lets running requests finish within
+        MUSIQ_SHUTDOWN_GRACE_S; then the lifespan drains the gRPC server and the batchers."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app.state.core.drain()
+            super().handle_exit(sig, frame)
+
     given = {"models": args.model, "host": args.host, "http_port": args.port, "grpc_port": args.grpc_port}
-    overrides = {k: v for k, v in given.items() if v is not None}
-    settings = ServiceSettings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.http_port, log_level="info")
+    settings = ServiceSettings(**{k: v for k, v in given.items() if v is not None})
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.http_port,
+        log_level="info",
+        timeout_graceful_shutdown=max(1, math.ceil(settings.shutdown_grace_s)),
+    )
+    DrainingServer(config).run()
     return 0

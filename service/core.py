@@ -7,23 +7,39 @@ a stable code and the HTTP status it maps to, so the protocol layers only transl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from model.config import PackingConfig
 from model.decode import ImageDecodeError, ImageTooLargeError, decode_image
 from model.packing import PackedImage, pack
-from service.batcher import Batcher, DeadlineExceeded, ItemTooLarge, QueueFull, ShuttingDown
+from service.batcher import (
+    Batcher,
+    BatchInfo,
+    DeadlineExceeded,
+    InferenceTimeout,
+    ItemTooLarge,
+    ModelStuck,
+    QueueFull,
+    ShuttingDown,
+    WouldMissDeadline,
+)
 from service.explain import RolloutRuntime, ScaleExplanation, explain_scales, rollout_path
 from service.metrics import ServiceMetrics
 from service.runtime import ModelRuntime, Prediction, RuntimeOptions
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
+
+# How a model file becomes a runtime; tests substitute runtimes that fail or hang (a test seam).
+RuntimeFactory = Callable[[Path, RuntimeOptions], ModelRuntime]
 
 
 class ScoringError(Exception):
@@ -70,6 +86,79 @@ class ScoringCore:
     explain_pool: ThreadPoolExecutor | None = None
     explain_waiting: int = 0
     explain_slots: asyncio.Semaphore | None = None
+    runtime_factory: RuntimeFactory = ModelRuntime
+    # Models whose last inference failed, with the reason; readiness is down while any is listed.
+    unhealthy: dict[str, str] = field(default_factory=dict)
+    draining: bool = False  # SIGTERM received: new work is refused, accepted work finishes
+    in_progress: int = 0  # requests between admission and answer (decode, queue, inference)
+    # Called with the new serving state whenever it changes (the gRPC health service listens).
+    health_listeners: list[Callable[[bool], None]] = field(default_factory=list)
+    _probe: asyncio.Task[None] | None = None
+
+    @property
+    def serving(self) -> bool:
+        """Readiness: started, not draining, and every model's last inference succeeded."""
+        return self.ready and not self.draining and not self.unhealthy
+
+    def not_serving_reason(self) -> str:
+        if self.draining:
+            return "the server is shutting down"
+        if not self.ready:
+            return "models are loading or the server is stopping"
+        return "; ".join(f"model {name} is failing: {why}" for name, why in sorted(self.unhealthy.items()))
+
+    def _set_health(self, model: str, error: str | None) -> None:
+        before = self.serving
+        if error is None:
+            self.unhealthy.pop(model, None)
+        else:
+            if model not in self.unhealthy:
+                logger.warning("model %s is unhealthy: %s", model, error)
+            self.unhealthy[model] = error
+        if self.serving != before:
+            self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.health_listeners:
+            listener(self.serving)
+
+    def drain(self) -> None:
+        """Called on SIGTERM: readiness drops and new requests get 503 while accepted ones finish."""
+        self.draining = True
+        self._notify()
+
+    def _on_batch(self, name: str) -> Callable[[BatchInfo], None]:
+        record = self.metrics.batch_hook(name)
+
+        def on_batch(info: BatchInfo) -> None:
+            record(info)
+            self._set_health(name, info.error)
+
+        return on_batch
+
+    async def _probe_unhealthy(self) -> None:
+        """While a model is unhealthy, a warm-up inference now and then tells when it recovered.
+
+        Readiness drops, so a load balancer sends no traffic that could prove recovery. One probe
+        per model at a time, bounded by the inference timeout; none while a hung batch holds the
+        model, so a model that hangs never gets more than one thread.
+        """
+        running: dict[str, asyncio.Future[Prediction]] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.settings.health_probe_interval_s)
+            for name in list(self.unhealthy):
+                served = self.models[name]
+                if served.batcher.stuck or (name in running and not running[name].done()):
+                    continue
+                running[name] = probe = loop.run_in_executor(None, served.runtime.warm_up)
+                probe.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late result is nobody's
+                try:
+                    await asyncio.wait_for(asyncio.shield(probe), self.settings.inference_timeout_s)
+                except Exception as exc:
+                    self._set_health(name, f"health probe: {type(exc).__name__}: {exc}")
+                else:
+                    self._set_health(name, None)
 
     async def start(self) -> None:
         """Loads every model, proves each with a warm-up inference, then starts its batcher."""
@@ -80,17 +169,24 @@ class ScoringCore:
         )
         self.pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="musiq-decode")
         for path in self.settings.model_paths():
-            runtime = await asyncio.to_thread(ModelRuntime, path, options)
+            runtime = await asyncio.to_thread(self.runtime_factory, path, options)
             if runtime.name in self.models:
                 raise ValueError(
                     f"two models are named {runtime.name!r}: {path} and {self.models[runtime.name].runtime.path}"
                 )
             await asyncio.to_thread(runtime.warm_up)
+            # A second, timed warm-up gives the batcher a first throughput estimate, so that even
+            # the first burst of requests is admitted only as far as it can meet its deadline.
+            warm_tokens = pack(np.full((64, 64, 3), 128, np.uint8), runtime.packing).num_tokens
+            start = time.perf_counter()
+            await asyncio.to_thread(runtime.warm_up)
+            warm_s = time.perf_counter() - start
             batcher: Batcher[PackedImage, Prediction] = Batcher(
                 runtime.predict,
                 self.settings.batcher_config(),
-                on_batch=self.metrics.batch_hook(runtime.name),
+                on_batch=self._on_batch(runtime.name),
             )
+            batcher.seed_rate(warm_tokens / max(warm_s, 1e-6))
             await batcher.start()
             self.models[runtime.name] = served = ServedModel(runtime, batcher)
             await asyncio.to_thread(self._load_explainer, served, path, options)
@@ -109,10 +205,15 @@ class ScoringCore:
         if self.default not in self.models:
             raise ValueError(f"default model {self.default!r} is not among {sorted(self.models)}")
         self.ready = True
+        self._probe = asyncio.create_task(self._probe_unhealthy(), name="musiq-health-probe")
 
     async def stop(self) -> None:
         """Refuses new work, finishes what was accepted."""
         self.ready = False
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
         for served in self.models.values():
             await served.batcher.stop()
         for pool in (self.pool, self.explain_pool):
@@ -196,9 +297,11 @@ class ScoringCore:
             prediction = await served.batcher.submit(
                 packed,
                 tokens,
-                timeout_s=self.settings.request_timeout_s if timeout_s is None else timeout_s,
+                timeout_s=timeout_s,
                 timings=timings,
             )
+        except WouldMissDeadline as exc:
+            raise ScoringError(429, "overloaded", str(exc), retry_after_s=exc.retry_after_s) from exc
         except QueueFull as exc:
             raise ScoringError(429, "queue_full", str(exc), retry_after_s=exc.retry_after_s) from exc
         except ShuttingDown as exc:
@@ -207,9 +310,13 @@ class ScoringCore:
             raise ScoringError(504, "deadline_exceeded", str(exc)) from exc
         except ItemTooLarge as exc:
             raise ScoringError(413, "too_many_tokens", str(exc)) from exc
+        except InferenceTimeout as exc:
+            raise ScoringError(503, "inference_timeout", str(exc), retry_after_s=1) from exc
+        except ModelStuck as exc:
+            raise ScoringError(503, "model_unavailable", str(exc), retry_after_s=1) from exc
         except Exception as exc:  # the model itself failed
             raise ScoringError(
-                503, "inference_failed", f"inference failed: {type(exc).__name__}: {exc}"
+                503, "inference_failed", f"inference failed: {type(exc).__name__}: {exc}", retry_after_s=1
             ) from exc
         meta = served.runtime.metadata
         return ScoreResult(
@@ -222,8 +329,32 @@ class ScoringCore:
         )
 
     def _check_ready(self) -> None:
+        if self.draining:
+            raise ScoringError(503, "shutting_down", "the server is shutting down", retry_after_s=1)
         if not self.ready:
             raise ScoringError(503, "not_ready", "the service is not ready", retry_after_s=1)
+
+    @contextlib.contextmanager
+    def _admitted(self, served: ServedModel, timeout_s: float) -> Iterator[None]:
+        """Admission comes first: past `max_in_progress` requests, or when the work ahead would
+        miss this request's deadline, a new one is refused (429) before it costs any decoding, so
+        overload grows neither memory nor the decode pool's backlog."""
+        if self.in_progress >= self.settings.max_in_progress:
+            raise ScoringError(
+                429,
+                "overloaded",
+                f"{self.in_progress} requests in progress, the limit is {self.settings.max_in_progress}",
+                retry_after_s=served.batcher.retry_after_s(),
+            )
+        try:
+            served.batcher.check_deadline(0, timeout_s)
+        except WouldMissDeadline as exc:
+            raise ScoringError(429, "overloaded", str(exc), retry_after_s=exc.retry_after_s) from exc
+        self.in_progress += 1
+        try:
+            yield
+        finally:
+            self.in_progress -= 1
 
     async def score(
         self,
@@ -236,8 +367,10 @@ class ScoringCore:
         """Scores one encoded image; `timeout_s` (default: the configured one) bounds the wait."""
         self._check_ready()
         served = self.model(model)
-        _, packed, timings = await self._prepare(data, served, max_native_tokens)
-        return await self._infer(served, packed, timings, timeout_s)
+        timeout_s = self.settings.request_timeout_s if timeout_s is None else timeout_s
+        with self._admitted(served, timeout_s):
+            _, packed, timings = await self._prepare(data, served, max_native_tokens)
+            return await self._infer(served, packed, timings, timeout_s)
 
     async def explain(
         self,
@@ -264,15 +397,16 @@ class ScoringCore:
         deadline = time.monotonic() + timeout
         self.explain_waiting += 1
         try:
-            pixels, packed, timings = await self._prepare(data, served, max_native_tokens)
-            if packed.num_tokens > self.settings.explain_max_tokens:
-                raise ScoringError(
-                    413,
-                    "too_many_tokens",
-                    f"{packed.num_tokens} tokens; explanations take at most {self.settings.explain_max_tokens} "
-                    "(lower max_native_tokens)",
-                )
-            result = await self._infer(served, packed, timings, timeout)
+            with self._admitted(served, timeout):
+                pixels, packed, timings = await self._prepare(data, served, max_native_tokens)
+                if packed.num_tokens > self.settings.explain_max_tokens:
+                    raise ScoringError(
+                        413,
+                        "too_many_tokens",
+                        f"{packed.num_tokens} tokens; explanations take at most "
+                        f"{self.settings.explain_max_tokens} (lower max_native_tokens)",
+                    )
+                result = await self._infer(served, packed, timings, timeout)
             assert self.explain_slots is not None
             try:
                 await asyncio.wait_for(self.explain_slots.acquire(), max(0.0, deadline - time.monotonic()))

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.core import ScoreResult, ScoringCore, ScoringError
 from service.gen import quality_pb2, quality_pb2_grpc
+from service.security import ApiKeyInterceptor, ApiKeys, grpc_server_credentials
 
 SERVICE_NAME = quality_pb2.DESCRIPTOR.services_by_name["Quality"].full_name
 
@@ -22,6 +23,7 @@ _STATUS = {
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -169,19 +171,35 @@ async def start_grpc(core: ScoringCore, host: str, port: int) -> tuple[grpc.aio.
     """Starts the gRPC server on (host, port) (port 0: any free port); returns it and its port."""
     limit = core.settings.max_body_bytes
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 16 * 2**20)]
+        interceptors=[ApiKeyInterceptor(ApiKeys.from_settings(core.settings))],
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 16 * 2**20)],
     )
     quality_pb2_grpc.add_QualityServicer_to_server(QualityServicer(core), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    credentials = grpc_server_credentials(core.settings)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
-    status = (
-        health_pb2.HealthCheckResponse.SERVING if core.ready else health_pb2.HealthCheckResponse.NOT_SERVING
-    )
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, status)
+
+    async def publish(serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+
+    await publish(core.serving)
+    # Readiness changes (a failing model, its recovery, draining) reach gRPC health checks too.
+    health_tasks: set[asyncio.Task[None]] = set()
+
+    def on_health(serving: bool) -> None:
+        task = asyncio.get_running_loop().create_task(publish(serving))
+        health_tasks.add(task)
+        task.add_done_callback(health_tasks.discard)
+
+    core.health_listeners.append(on_health)
     server.musiq_health = health_servicer  # type: ignore[attr-defined]  # flipped to NOT_SERVING on shutdown
     return server, bound
 

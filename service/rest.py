@@ -18,15 +18,16 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from service.core import ExplainResult, ScoreResult, ScoringCore, ScoringError
+from service.core import ExplainResult, RuntimeFactory, ScoreResult, ScoringCore, ScoringError
 from service.metrics import ServiceMetrics
+from service.security import ApiKeys, rest_api_key_dependency
 from service.settings import ServiceSettings
 
 
@@ -110,18 +111,49 @@ def error(status: int, code: str, message: str, retry_after_s: float | None = No
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    """The body, up to `limit` bytes, within the configured body timeout (a slow client gets 408)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise ScoringError(
             413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {limit}"
         )
+    timeout_s = request.app.state.core.settings.body_timeout_s
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ScoringError(413, "body_too_large", f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ScoringError(
+                        413, "body_too_large", f"request body exceeds the limit of {limit} bytes"
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise ScoringError(
+            408,
+            "body_timeout",
+            f"the request body was not received within {timeout_s:g} s ({size} bytes came)",
+        ) from None
     return b"".join(chunks)
+
+
+async def parse_form(request: Request, body: bytes, max_files: int) -> Any:
+    """Multipart parsing with bounded parts and field sizes (from the settings), after `read_body`."""
+    settings = request.app.state.core.settings
+    boundary = request.headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip('" ')
+    if boundary and f"--{boundary}--".encode() not in body:
+        # The parser would silently drop an unterminated last part: say what is wrong instead.
+        raise ScoringError(400, "bad_multipart", "multipart body does not end with its closing boundary")
+    try:
+        return await Request(request.scope, receive=_receive_from(body)).form(
+            max_files=max_files,
+            max_fields=settings.max_form_fields + max_files,
+            max_part_size=settings.max_form_field_bytes,
+        )
+    except Exception as exc:  # malformed multipart, too many parts, a field too large
+        raise ScoringError(
+            400, "bad_multipart", f"malformed multipart body ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 async def image_bytes(request: Request, limit: int) -> bytes:
@@ -129,11 +161,7 @@ async def image_bytes(request: Request, limit: int) -> bytes:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype.startswith("multipart/form-data"):
         body = await read_body(request, limit)  # bounded before the parser sees it
-        bounded = Request(request.scope, receive=_receive_from(body))
-        try:
-            form = await bounded.form(max_files=1, max_fields=8)
-        except Exception as exc:  # malformed multipart, too many parts
-            raise ScoringError(400, "bad_multipart", f"malformed multipart body ({exc})") from exc
+        form = await parse_form(request, body, max_files=1)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
             raise ScoringError(400, "missing_image", "multipart body has no file field named 'image'")
@@ -245,9 +273,17 @@ class RequestMetrics:
             self.metrics.request_seconds.labels("http", route).observe(time.perf_counter() - start)
 
 
-def create_app(settings: ServiceSettings | None = None) -> FastAPI:
+def create_app(
+    settings: ServiceSettings | None = None, runtime_factory: RuntimeFactory | None = None
+) -> FastAPI:
+    """`runtime_factory` replaces ModelRuntime (tests inject failing or hanging models)."""
     settings = settings or ServiceSettings()
-    core = ScoringCore(settings)
+    core = (
+        ScoringCore(settings)
+        if runtime_factory is None
+        else ScoringCore(settings, runtime_factory=runtime_factory)
+    )
+    api_keys = ApiKeys.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -268,6 +304,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         version="0.1.0",
         description="Multi-scale image quality transformer (Ke et al., ICCV 2021), scored at native resolution.",
         lifespan=lifespan,
+        dependencies=[Depends(rest_api_key_dependency(api_keys))],
     )
     app.state.core = core
     metrics = core.metrics
@@ -350,8 +387,12 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
         if ctype == "application/json":
             try:
                 parsed = BatchRequest.model_validate_json(body)
-            except ValueError as exc:
-                raise ScoringError(400, "bad_request", f"invalid batch JSON ({exc})") from exc
+            except ValidationError as exc:  # described without echoing the input back
+                first = exc.errors(include_input=False, include_url=False)[0]
+                where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+                raise ScoringError(
+                    400, "bad_request", f"invalid batch JSON: {where}: {first['msg']}"
+                ) from exc
             model = parsed.model or model
             max_native_tokens = (
                 parsed.max_native_tokens if parsed.max_native_tokens is not None else max_native_tokens
@@ -362,12 +403,7 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
                 except (binascii.Error, ValueError):
                     items.append((it.id, ScoringError(400, "bad_base64", "image is not valid base64")))
         elif ctype == "multipart/form-data":
-            try:
-                form = await Request(request.scope, receive=_receive_from(body)).form(
-                    max_files=limit, max_fields=limit + 4
-                )
-            except Exception as exc:
-                raise ScoringError(400, "bad_multipart", f"malformed multipart body ({exc})") from exc
+            form = await parse_form(request, body, max_files=limit)
             for key, value in form.multi_items():
                 if not isinstance(value, str):
                     items.append((value.filename or key, await value.read()))
@@ -435,9 +471,9 @@ def create_app(settings: ServiceSettings | None = None) -> FastAPI:
 
     @app.get("/readyz", summary="Readiness: every model loaded and warmed up")
     async def readyz() -> JSONResponse:
-        if core.ready:
+        if core.serving:
             return JSONResponse({"status": "ready", "models": sorted(core.models)})
-        return error(503, "not_ready", "models are loading or the server is stopping", retry_after_s=1)
+        return error(503, "not_ready", core.not_serving_reason(), retry_after_s=1)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -46,6 +46,29 @@ class ServiceSettings(BaseSettings):
     explain_max_tokens: int = Field(1024, description="largest packed image an explanation accepts")
     explain_display_side: int = Field(512, description="longest side of a heatmap PNG, in pixels")
 
+    # Reliability and security (tests/reliability/README.md, README "Security").
+    max_in_progress: int = Field(
+        256, description="requests decoding, queued or running at once; beyond it 429 before any decoding"
+    )
+    body_timeout_s: float = Field(30.0, description="longest time a client may take to send its body (408)")
+    inference_timeout_s: float = Field(
+        30.0, description="a batch running longer is a model fault: its requests get 503, readiness drops"
+    )
+    health_probe_interval_s: float = Field(
+        1.0, description="while a model is unhealthy, how often a warm-up inference checks if it recovered"
+    )
+    max_form_fields: int = Field(8, description="non-file fields in one multipart body")
+    max_form_field_bytes: int = Field(64 * 2**10, description="largest non-file multipart field")
+    api_keys: list[str] = Field(
+        default_factory=list, description="accepted API keys (JSON list); empty with no file: no auth"
+    )
+    api_keys_file: Path | None = Field(None, description="file of accepted API keys, one per line")
+    grpc_tls_cert: Path | None = Field(None, description="PEM certificate chain: gRPC serves TLS")
+    grpc_tls_key: Path | None = Field(None, description="PEM private key of grpc_tls_cert")
+    grpc_tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: gRPC requires client certificates it signed (mutual TLS)"
+    )
+
     def model_paths(self) -> list[Path]:
         return list(self.models) or [EMBEDDED_ONNX]
 
@@ -55,4 +78,5 @@ class ServiceSettings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_queue_delay_s=self.max_queue_delay_s,
             max_queue_items=self.max_queue_items,
+            run_timeout_s=self.inference_timeout_s,
         )

@@ -42,8 +42,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(settings: Any) -> tuple[Any, threading.Thread, str]:
-    """A real uvicorn server on 127.0.0.1 in a thread, returned once /readyz says ready."""
+def start_server(settings: Any, **app_options: Any) -> tuple[Any, threading.Thread, str]:
+    """A real uvicorn server on 127.0.0.1 in a thread, returned once /readyz says ready.
+
+    `app_options` go to `create_app` (e.g. a `runtime_factory` that injects faults)."""
     import httpx
     import uvicorn
 
@@ -51,7 +53,7 @@ def start_server(settings: Any) -> tuple[Any, threading.Thread, str]:
 
     port = free_port()
     srv = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(create_app(settings, **app_options), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
