@@ -13,10 +13,5 @@ date
 $BIN/musiq train --config configs/clive_finetune.toml --no-progress
 date
 $BIN/musiq split --data "$CLIVE/labels.csv" -o runs/clive_split.csv
-$BIN/musiq eval --checkpoint runs/clive/best.safetensors --data runs/clive_split.csv --split val --out runs/clive/eval_val
-cp runs/clive/best.safetensors model/weights/default.safetensors
-# The scoring file, and the explanation graph beside it (fp16 weights: half the size, checked
-# against the fp32 rollout on real photos before it is written).
-$BIN/musiq export --checkpoint model/weights/default.safetensors -o model/weights/default.onnx \
-    --rollout --rollout-weights fp16
+tools/install_default.sh runs/clive/best.safetensors
 date

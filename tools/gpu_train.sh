@@ -2,7 +2,7 @@
 # The default model's GPU stages, as run on a lent machine (one H100/H200, 16 cores, no network):
 #   tools/gpu_train.sh pretrain   # stage 1b: configs/pretrain_continue_gpu.toml (~6 min)
 #   tools/gpu_train.sh finetune   # stage 2: two learning rates side by side (~3 min)
-# First, here: `python tools/prepare_gpu_data.py` (fills .data/), and carry .data/init +
+# First, here: `python -m tools.prepare_gpu_data` (fills .data/), and carry .data/init +
 # .data/bsds500 for pretrain, .data/clive for finetune (stage 2 reads stage 1b's runs/ output, which
 # stays on the warm machine between the two calls). Results go to $OUT, checkpoints as float16.
 set -euo pipefail

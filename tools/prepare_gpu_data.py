@@ -5,7 +5,8 @@ The lent machine receives the working tree plus carried paths, 64 MiB per call, 
 - `.data/bsds500/images`: BSDS500's 500 photos, as released (37 MB; stage 1b);
 - `.data/clive`: CLIVE's JPEGs as released, the lossless WebP images re-encoded as JPEG quality 90
   (47 MB), and `labels.csv` with the project split (seeded 80/20, `musiq split` seed 0; stage 2);
-- `.data/init`: stage 1's network (model/weights/pretrain_synthetic.fp16.safetensors).
+- `.data/init/stage1.fp16.safetensors`: stage 1's network (runs/pretrain_gpu/best.safetensors,
+  from configs/pretrain_synthetic_gpu.toml), stored as float16.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from model.data import read_labels, split_samples
+from tools.half_checkpoint import main as half_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA = Path(__file__).resolve().parents[1] / ".data"
@@ -25,7 +27,7 @@ DATA = Path(__file__).resolve().parents[1] / ".data"
 def main() -> None:
     shutil.copytree(SHARED / "bsds500" / "images", DATA / "bsds500" / "images", dirs_exist_ok=True)
     (DATA / "init").mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path("model/weights/pretrain_synthetic.fp16.safetensors"), DATA / "init")
+    half_checkpoint("runs/pretrain_gpu/best.safetensors", str(DATA / "init" / "stage1.fp16.safetensors"))
     train, val = split_samples(read_labels(SHARED / "clive" / "labels.csv"), 0.2, 0)
     images = DATA / "clive" / "images"
     images.mkdir(parents=True, exist_ok=True)

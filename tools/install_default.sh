@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Makes a trained checkpoint the embedded default model: stores it as
+# model/weights/default.safetensors (float32), exports default.onnx and default.rollout.onnx beside
+# it (each export verified against PyTorch before it is written), then evaluates it on the CLIVE
+# validation split and compares it with BRISQUE on the same images (bench/results/).
+#   tools/install_default.sh runs/clive/best.safetensors
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+CLIVE=${CLIVE:-../shared/data/clive}
+CKPT=${1:?usage: $0 CHECKPOINT}
+$BIN/python - "$CKPT" <<'PY'
+import sys
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+
+save_checkpoint(load_checkpoint(sys.argv[1]), "model/weights/default.safetensors")  # float32
+PY
+# The scoring file, and the explanation graph beside it (fp16 weights: half the size, checked
+# against the fp32 rollout on real photos before it is written).
+$BIN/musiq export --checkpoint model/weights/default.safetensors -o model/weights/default.onnx \
+    --rollout --rollout-weights fp16
+make brisque-compare CLIVE="$CLIVE"
