@@ -37,6 +37,7 @@ class Record:
     pack_s: float
     queue_s: float
     infer_s: float
+    done_at: float = 0.0  # perf_counter() when the answer arrived
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,24 @@ class Phase:
 
     @property
     def images_per_s(self) -> float:
-        return len(self.records) / self.wall_s if self.wall_s > 0 else 0.0
+        return completion_rate([r.done_at for r in self.records], self.wall_s)
+
+
+def completion_rate(done_at: list[float], wall_s: float) -> float:
+    """Answers per second between the first and the last answer.
+
+    Counting from the phase start would charge the pipeline's fill time (the first batch at 64
+    clients takes seconds) to the rate; counting between answers measures the steady state.
+    Answers that arrive together (one batch) at the first instant open the interval and are not
+    counted. With fewer than two distinct instants, falls back to answers over the wall time.
+    """
+    if not done_at:
+        return 0.0
+    first, last = min(done_at), max(done_at)
+    if last - first <= 1e-6:
+        return len(done_at) / wall_s if wall_s > 0 else 0.0
+    after_first = sum(1 for t in done_at if t > first + 1e-6)
+    return after_first / (last - first)
 
 
 Send = Callable[[BenchImage], Awaitable[Record]]
@@ -118,11 +136,11 @@ def rest_sender(client: httpx.AsyncClient, url: str) -> Send:
         response = await client.post(
             f"{url}/v1/score", content=image.data, headers={"Content-Type": "image/jpeg"}
         )
-        latency = time.perf_counter() - start
+        done = time.perf_counter()
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:200]}")
         t = response.json()["timings"]
-        return Record(image.name, latency, t["decode_s"], t["pack_s"], t["queue_s"], t["infer_s"])
+        return Record(image.name, done - start, t["decode_s"], t["pack_s"], t["queue_s"], t["infer_s"], done)
 
     return send
 
@@ -131,9 +149,9 @@ def grpc_sender(stub, pb) -> Send:  # type: ignore[no-untyped-def]
     async def send(image: BenchImage) -> Record:
         start = time.perf_counter()
         reply = await stub.Score(pb.ScoreRequest(image=image.data))
-        latency = time.perf_counter() - start
+        done = time.perf_counter()
         t = reply.timings
-        return Record(image.name, latency, t.decode_s, t.pack_s, t.queue_s, t.infer_s)
+        return Record(image.name, done - start, t.decode_s, t.pack_s, t.queue_s, t.infer_s, done)
 
     return send
 

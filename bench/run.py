@@ -43,7 +43,10 @@ class Plan:
     precisions: tuple[str, ...] = ("fp32", "int8")
     concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     latency_requests: int = 20  # per mix and protocol at concurrency 1 (cycles x mix size for "mixed")
+    # A sweep level lasts max(level_s, 2 x clients x the c=1 mean latency), at most max_level_s: long
+    # enough for every client to be answered about twice even at 64 clients.
     level_s: dict[str, float] = field(default_factory=lambda: {"512x384": 8.0, "clive": 8.0, "mixed": 20.0})
+    max_level_s: float = 45.0
     forward_runs: int = 5  # ORT alone, per image
     pyiqa_runs: int = 3
     clive_images: int = 8
@@ -56,6 +59,7 @@ class Plan:
             concurrencies=(1, 4, 16),
             latency_requests=4,
             level_s={"512x384": 3.0, "clive": 3.0, "mixed": 6.0},
+            max_level_s=12.0,
             forward_runs=2,
             pyiqa_runs=1,
             clive_images=2,
@@ -167,9 +171,11 @@ async def _service_mix(
         log(f"    gRPC c=1: p50 {result['grpc_c1']['latency']['p50'] * 1e3:.1f} ms")
         sweep = []
         before = _scrape(server.url, model_name)
+        t1 = result["rest_c1"]["latency"]["mean"]
         for c in plan.concurrencies:
             level_before = _scrape(server.url, model_name)
-            phase = await load.closed_loop(rest, images, c, requests=10**9, duration_s=plan.level_s[mix])
+            duration = min(plan.max_level_s, max(plan.level_s[mix], 2 * c * t1))
+            phase = await load.closed_loop(rest, images, c, requests=10**9, duration_s=duration)
             entry = _phase_dict(phase)
             entry["batching"] = _batching(_scrape(server.url, model_name).since(level_before))
             sweep.append(entry)
