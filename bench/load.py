@@ -19,10 +19,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-
-import httpx
+from typing import TYPE_CHECKING
 
 from bench.workload import BenchImage
+
+if TYPE_CHECKING:  # httpx is imported where used: the GPU script runs where it may be missing
+    import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +93,8 @@ class Server:
 @contextmanager
 def serve(model: Path, env: dict[str, str] | None = None, log: Path | None = None) -> Iterator[Server]:
     """`musiq serve` of one ONNX file on free 127.0.0.1 ports, ready (warm-up done) when yielded."""
+    import httpx
+
     http_port, grpc_port = _free_port(), _free_port()
     environment = {
         **os.environ,

@@ -19,7 +19,6 @@ import numpy as np
 from PIL import Image
 
 from model.config import MusiqConfig
-from model.decode import decode_image
 from model.flops import forward_flops
 from model.packing import pack
 
@@ -52,6 +51,8 @@ def _bsds(width: int, height: int) -> Path:
 
 
 def _image(name: str, data: bytes, config: MusiqConfig) -> BenchImage:
+    from model.decode import decode_image  # simplejpeg: not needed by the GPU script's synthetic mixes
+
     pixels = decode_image(data)
     tokens = pack(pixels, config.packing()).num_tokens
     return BenchImage(name, data, pixels.shape[1], pixels.shape[0], tokens)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from model.config import PackingConfig
 from model.decode import ImageDecodeError, ImageTooLargeError, decode_image
-from model.packing import PackedImage, pack
+from model.packing import PackedImage, compact, pack
 from service.batcher import Batcher, DeadlineExceeded, ItemTooLarge, QueueFull, ShuttingDown
 from service.metrics import ServiceMetrics
 from service.runtime import ModelRuntime, Prediction, RuntimeOptions
@@ -53,6 +53,7 @@ class ScoringCore:
     ready: bool = False
     pool: ThreadPoolExecutor | None = None
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
+    preparing: int = 0  # requests being decoded and packed: the batchers' possible company
 
     async def start(self) -> None:
         """Loads every model, proves each with a warm-up inference, then starts its batcher."""
@@ -73,6 +74,7 @@ class ScoringCore:
                 runtime.predict,
                 self.settings.batcher_config(),
                 on_batch=self.metrics.batch_hook(runtime.name),
+                upstream=lambda: self.preparing,
             )
             await batcher.start()
             self.models[runtime.name] = ServedModel(runtime, batcher)
@@ -117,12 +119,17 @@ class ScoringCore:
         p = served.runtime.packing
         return PackingConfig(p.patch_size, p.grid_size, p.longer_sides, limit, pad_native=False)
 
-    def _decode_and_pack(self, data: bytes, packing: PackingConfig) -> tuple[PackedImage, float, float]:
+    def _decode_and_pack(self, data: bytes, packing: PackingConfig) -> tuple[PackedImage, int, float, float]:
+        """The packed image to compute (padding rows dropped, see `compact`), its official token
+        count, and the decode and pack seconds."""
         t0 = time.perf_counter()
         pixels = decode_image(data, max_pixels=self.settings.max_pixels)
         t1 = time.perf_counter()
         packed = pack(pixels, packing)
-        return packed, t1 - t0, time.perf_counter() - t1
+        official = packed.num_tokens
+        if self.settings.drop_padding_rows:
+            packed = compact(packed)
+        return packed, official, t1 - t0, time.perf_counter() - t1
 
     async def score(
         self,
@@ -140,8 +147,9 @@ class ScoringCore:
         if not data:
             raise ScoringError(400, "empty_body", "the request carries no image bytes")
         loop = asyncio.get_running_loop()
+        self.preparing += 1
         try:
-            packed, decode_s, pack_s = await loop.run_in_executor(
+            packed, official_tokens, decode_s, pack_s = await loop.run_in_executor(
                 self.pool, self._decode_and_pack, data, packing
             )
         except ImageTooLargeError as exc:
@@ -149,6 +157,8 @@ class ScoringCore:
         except ImageDecodeError as exc:
             status = 415 if exc.reason == "unrecognised" else 400
             raise ScoringError(status, f"image_{exc.reason}", str(exc)) from exc
+        finally:
+            self.preparing -= 1  # from here the image is in the queue (submit enqueues at once)
         self.metrics.decode_seconds.observe(decode_s)
         self.metrics.pack_seconds.observe(pack_s)
         tokens = served.runtime.padded_length(packed.num_tokens)
@@ -177,7 +187,7 @@ class ScoringCore:
             score=prediction.score,
             model=meta.name,
             model_version=meta.version,
-            tokens=packed.num_tokens,
+            tokens=official_tokens,
             timings=timings,
             distribution=prediction.distribution,
         )

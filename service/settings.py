@@ -40,6 +40,9 @@ class ServiceSettings(BaseSettings):
     decode_threads: int = 2
     intra_op_threads: int = 0
     pad_multiple: int = 1
+    drop_padding_rows: bool = Field(
+        True, description="compute only real patch rows (same score, fewer tokens; model.packing.compact)"
+    )
     providers: list[str] = Field(default_factory=list)
 
     def model_paths(self) -> list[Path]:
