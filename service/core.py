@@ -74,7 +74,7 @@ class ScoringCore:
                 runtime.predict,
                 self.settings.batcher_config(),
                 on_batch=self.metrics.batch_hook(runtime.name),
-                upstream=lambda: self.preparing,
+                upstream=None if self.settings.always_wait_queue_delay else (lambda: self.preparing),
             )
             await batcher.start()
             self.models[runtime.name] = ServedModel(runtime, batcher)

@@ -36,6 +36,9 @@ class ServiceSettings(BaseSettings):
     max_batch_tokens: int = 16384
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.004
+    always_wait_queue_delay: bool = Field(
+        False, description="wait the queue delay even when no request is being decoded (none can join)"
+    )
     max_queue_items: int = 512
     decode_threads: int = 2
     intra_op_threads: int = 0
