@@ -55,20 +55,21 @@ class Phase:
         return completion_rate([r.done_at for r in self.records], self.wall_s)
 
 
-def completion_rate(done_at: list[float], wall_s: float) -> float:
+def completion_rate(done_at: list[float], wall_s: float, together_s: float = 0.05) -> float:
     """Answers per second between the first and the last answer.
 
     Counting from the phase start would charge the pipeline's fill time (the first batch at 64
     clients takes seconds) to the rate; counting between answers measures the steady state.
-    Answers that arrive together (one batch) at the first instant open the interval and are not
-    counted. With fewer than two distinct instants, falls back to answers over the wall time.
+    Answers within `together_s` of the first one (its batch) open the interval and are not
+    counted. When the answers span less than a quarter of the wall time (one or two batches),
+    there is no steady state to see: answers over the wall time instead.
     """
     if not done_at:
         return 0.0
     first, last = min(done_at), max(done_at)
-    if last - first <= 1e-6:
+    if last - first < max(together_s, 0.25 * wall_s):
         return len(done_at) / wall_s if wall_s > 0 else 0.0
-    after_first = sum(1 for t in done_at if t > first + 1e-6)
+    after_first = sum(1 for t in done_at if t > first + together_s)
     return after_first / (last - first)
 
 

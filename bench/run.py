@@ -209,10 +209,17 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
     results["mixes"] = {
         mix: {
             "images": [
-                {"name": i.name, "width": i.width, "height": i.height, "tokens": i.tokens} for i in ims
+                {
+                    "name": i.name,
+                    "width": i.width,
+                    "height": i.height,
+                    "tokens": i.tokens,
+                    "valid": i.valid_tokens,
+                }
+                for i in ims
             ],
             "flops_per_image": mix_flops(ims, OFFICIAL),
-            "flops": {i.name: forward_flops(OFFICIAL, i.tokens) for i in ims},
+            "flops": {i.name: forward_flops(OFFICIAL, i.valid_tokens) for i in ims},
         }
         for mix, ims in images.items()
     }

@@ -33,7 +33,8 @@ class BenchImage:
     data: bytes  # the encoded file
     width: int
     height: int
-    tokens: int  # packed tokens at full native resolution
+    tokens: int  # packed tokens at full native resolution (the official layout)
+    valid_tokens: int = 0  # of which real patches: what the service computes (model.packing.compact)
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -54,8 +55,8 @@ def _image(name: str, data: bytes, config: MusiqConfig) -> BenchImage:
     from model.decode import decode_image  # simplejpeg: not needed by the GPU script's synthetic mixes
 
     pixels = decode_image(data)
-    tokens = pack(pixels, config.packing()).num_tokens
-    return BenchImage(name, data, pixels.shape[1], pixels.shape[0], tokens)
+    packed = pack(pixels, config.packing())
+    return BenchImage(name, data, pixels.shape[1], pixels.shape[0], packed.num_tokens, packed.num_valid)
 
 
 def load_mix(mix: str, config: MusiqConfig, clive_count: int = 8) -> list[BenchImage]:
@@ -90,8 +91,9 @@ def load_mix(mix: str, config: MusiqConfig, clive_count: int = 8) -> list[BenchI
 
 
 def mix_flops(images: list[BenchImage], config: MusiqConfig) -> float:
-    """Mean FLOPs per image of a mix sent round-robin (real tokens: padding is the service's cost)."""
-    return float(np.mean([forward_flops(config, im.tokens) for im in images]))
+    """Mean FLOPs per image of a mix sent round-robin, counting real patch tokens only: the work
+    any implementation must do (padding rows, in the layout or in a batch, are a cost, not work)."""
+    return float(np.mean([forward_flops(config, im.valid_tokens) for im in images]))
 
 
 def write_files(images: list[BenchImage], folder: Path) -> list[Path]:

@@ -43,9 +43,11 @@ def test_roofline_arithmetic() -> None:
 
 def test_completion_rate_ignores_the_fill_time() -> None:
     # batches of 4 answered every 2 s, the first after a 5 s fill: 2 images/s, not 12 / 11 s
-    done = [5.0] * 4 + [7.0] * 4 + [9.0] * 4
+    done = [5.0, 5.001, 5.002, 5.01] + [7.0] * 4 + [9.0] * 4
     assert completion_rate(done, wall_s=11.0) == pytest.approx(2.0)
     assert completion_rate([3.0, 3.0], wall_s=4.0) == pytest.approx(0.5)  # one instant: over wall
+    assert completion_rate([3.0, 3.001], wall_s=4.0) == pytest.approx(0.5)  # one batch, two answers
+    assert completion_rate([1.0, 2.0, 3.0], wall_s=3.2) == pytest.approx(1.0)  # c=1: one per second
     assert completion_rate([], wall_s=4.0) == 0.0
 
 
