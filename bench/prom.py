@@ -68,6 +68,16 @@ class Scrape:
         )
 
 
+def busy(text: str) -> float:
+    """Images queued or in a running batch, all models (`musiq_queue_depth` + `musiq_in_flight`)."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name in ("musiq_queue_depth", "musiq_in_flight")
+    )
+
+
 def parse(text: str, model: str | None = None) -> Scrape:
     """The batching metrics in a /metrics page; `model` picks one model's series (default: all summed)."""
     counters: dict[str, float] = {"musiq_real_tokens": 0.0, "musiq_computed_tokens": 0.0}

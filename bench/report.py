@@ -141,7 +141,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Benchmark: this service vs pyiqa, and the fp32 roofline",
         "",
-        f"One run of `musiq bench` ({results['wall_s'] / 60:.1f} min): {m['cpus']} CPUs, {m['processor']}, "
+        f"One run of `musiq bench{' --quick' if results.get('quick') else ''}` ({results['wall_s'] / 60:.1f} min): {m['cpus']} CPUs, {m['processor']}, "
         f"Python {m['python']}, onnxruntime {m['onnxruntime']}, load average at start "
         f"{', '.join(f'{x:.1f}' for x in m['loadavg_at_start'])}. Official-size model (27.1 M, random weights), "
         f"full native resolution (no token cap). sgemm: {results['sgemm']['gflops']:.1f} GFLOP/s "

@@ -52,6 +52,7 @@ class Plan:
     clive_images: int = 8
     pyiqa: bool = True
     server_env: dict[str, str] = field(default_factory=dict)
+    quick_mode: bool = False
 
     @classmethod
     def quick(cls) -> Plan:
@@ -63,6 +64,7 @@ class Plan:
             forward_runs=2,
             pyiqa_runs=1,
             clive_images=2,
+            quick_mode=True,
         )
 
 
@@ -132,6 +134,16 @@ def _phase_dict(phase: load.Phase) -> dict[str, Any]:
     }
 
 
+async def _idle(url: str, limit_s: float = 120.0) -> None:
+    """Waits until the batch running when a level was cut off has finished (bounded)."""
+    deadline = time.monotonic() + limit_s
+    async with httpx.AsyncClient(timeout=10) as client:
+        while time.monotonic() < deadline:
+            if prom.busy((await client.get(f"{url}/metrics")).text) == 0:
+                return
+            await asyncio.sleep(0.1)
+
+
 def _scrape(url: str, model: str) -> prom.Scrape:
     return prom.parse(httpx.get(f"{url}/metrics", timeout=10).text, model)
 
@@ -188,7 +200,7 @@ async def _service_mix(
                 f"    REST c={c:>2}: {entry['images_per_s']:.2f} img/s, p50 {entry['latency']['p50'] * 1e3:.0f} ms, "
                 f"p99 {entry['latency']['p99'] * 1e3:.0f} ms, mean batch {entry['batching']['mean_batch_size']:.2f}"
             )
-            await asyncio.sleep(0.5)  # let cancelled requests leave the server before the next level
+            await _idle(server.url)  # the next level starts on an empty server
         result["sweep"] = sweep
         result["sweep_batching"] = _batching(_scrape(server.url, model_name).since(before))
     return result
@@ -200,7 +212,7 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
 
     started = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"plan": asdict(plan), "machine": _machine()}
+    results: dict[str, Any] = {"plan": asdict(plan), "quick": plan.quick_mode, "machine": _machine()}
     peak, peak_by = sgemm_gflops()
     results["sgemm"] = {"gflops": peak, "engine": peak_by, "n": 2048}
     log(f"sgemm: {peak:.1f} GFLOP/s ({peak_by})")

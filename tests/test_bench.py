@@ -72,6 +72,9 @@ def test_prom_reads_the_services_own_metrics() -> None:
     assert phase.batch_size.distribution() == [("<= 1", 1), ("<= 4", 1)]
     assert phase.batch_tokens.distribution() == [("<= 512", 1), ("<= 4096", 1)]
     assert prom.parse(_metrics_text(first), "other").computed_tokens == 0
+    metrics = ServiceMetrics()
+    metrics.watch_queues(lambda: [("m", 3, 2)])
+    assert prom.busy(generate_latest(metrics.registry).decode()) == 5
 
 
 def _results(fp32_rate: float, int8_rate: float, eff: float) -> dict:
