@@ -247,17 +247,20 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         for precision, mixes in results["service"].items():
             sweep = mixes[mix]["sweep"]
             x = [e["images_per_s"] for e in sweep]
+            color = None
             for q, style in (("p50", "-o"), ("p99", "--x")):
-                ax.plot(x, [e["latency"][q] * 1e3 for e in sweep], style, label=f"{precision} {q}")
-                if q == "p50":
-                    for e in sweep:
-                        ax.annotate(
-                            str(e["concurrency"]),
-                            (e["images_per_s"], e["latency"]["p50"] * 1e3),
-                            fontsize=7,
-                            xytext=(3, 3),
-                            textcoords="offset points",
-                        )
+                (line,) = ax.plot(
+                    x, [e["latency"][q] * 1e3 for e in sweep], style, color=color, label=f"{precision} {q}"
+                )
+                color = line.get_color()  # p99 in the colour of its precision's p50
+            for e in sweep:
+                ax.annotate(
+                    str(e["concurrency"]),
+                    (e["images_per_s"], e["latency"]["p50"] * 1e3),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
         if "pyiqa" in results:
             ax.axvline(pyiqa_images_per_s(results, mix), color="grey", ls=":", label="pyiqa throughput")
         ax.set_yscale("log")

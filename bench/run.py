@@ -266,7 +266,7 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
         model_name = ModelRuntime(models[precision]).name
         env = {**BENCH_SERVER_ENV, **plan.server_env}
         results["service"][precision] = {}
-        with load.serve(models[precision], env, log=out / f"server-{precision}.log") as server:
+        with load.serve(models[precision], env, log=cache / f"server-{precision}.log") as server:
             for mix, ims in images.items():
                 log(f"service {precision} {mix}:")
                 results["service"][precision][mix] = asyncio.run(
