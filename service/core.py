@@ -59,6 +59,7 @@ class ScoringCore:
         """Loads every model, proves each with a warm-up inference, then starts its batcher."""
         options = RuntimeOptions(
             intra_op_threads=self.settings.intra_op_threads,
+            spin_threads=self.settings.spin_threads,
             providers=tuple(self.settings.providers),
             pad_multiple=self.settings.pad_multiple,
         )

@@ -42,6 +42,9 @@ class ServiceSettings(BaseSettings):
     max_queue_items: int = 512
     decode_threads: int = 2
     intra_op_threads: int = 0
+    spin_threads: bool = Field(
+        False, description="ONNX Runtime threads busy-wait between operators (steals decode/pack cores)"
+    )
     pad_multiple: int = 1
     drop_padding_rows: bool = Field(
         True, description="compute only real patch rows (same score, fewer tokens; model.packing.compact)"
