@@ -22,6 +22,24 @@ TARGETS = {
 }
 
 
+def answered_flops(results: dict[str, Any], mix: str, level: dict[str, Any]) -> float:
+    """Mean FLOPs per answered image of a level: in a short window of a mixed load the cheap
+    images are answered more often than the round-robin mean would say."""
+    counts = level.get("answered_by_image") or {}
+    flops = results["mixes"][mix]["flops"]
+    total = sum(counts.values())
+    if not total:
+        return results["mixes"][mix]["flops_per_image"]
+    return sum(flops[name] * n for name, n in counts.items()) / total
+
+
+def mix_rate(results: dict[str, Any], mix: str, level: dict[str, Any]) -> float:
+    """A level's images/s converted to round-robin images of the mix (same FLOP rate)."""
+    return (
+        level["images_per_s"] * answered_flops(results, mix, level) / results["mixes"][mix]["flops_per_image"]
+    )
+
+
 def saturation(sweep: list[dict[str, Any]]) -> dict[str, Any]:
     """The sweep level with the highest throughput."""
     return max(sweep, key=lambda e: e["images_per_s"])
@@ -39,8 +57,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     peak = results["sgemm"]["gflops"]
     has_pyiqa = "pyiqa" in results
     for mix, served in results["service"].get("fp32", {}).items():
-        flops = results["mixes"][mix]["flops_per_image"]
         sat = saturation(served["sweep"])
+        flops = answered_flops(results, mix, sat)
         rows.append(
             _row(
                 "fp32 throughput / fp32 roofline",
@@ -87,15 +105,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             if has_pyiqa and precision == "int8":
                 sat = saturation(served["sweep"])
                 ref = pyiqa_images_per_s(results, mix)
+                ours = mix_rate(results, mix, sat)
                 rows.append(
                     _row(
                         "int8 throughput / pyiqa throughput",
                         mix,
                         precision,
-                        sat["images_per_s"] / ref,
+                        ours / ref,
                         TARGETS["int8_vs_pyiqa"],
                         ">=",
-                        f"{sat['images_per_s']:.2f} vs {ref:.2f} img/s",
+                        f"{ours:.2f} vs {ref:.2f} img/s (round-robin mix)",
                     )
                 )
             if mix == "mixed":
@@ -208,8 +227,8 @@ def markdown(results: dict[str, Any]) -> str:
     peak = results["sgemm"]["gflops"]
     for precision, mixes in results["service"].items():
         for mix, s in mixes.items():
-            flops = results["mixes"][mix]["flops_per_image"]
             for e in s["sweep"]:
+                flops = answered_flops(results, mix, e)
                 b = e["batching"]
                 lines.append(
                     f"| {precision} | {mix} | {e['concurrency']} | {e['images_per_s']:.2f} | "

@@ -129,6 +129,7 @@ def _phase_dict(phase: load.Phase) -> dict[str, Any]:
         "images_per_s": phase.images_per_s,
         "latency": asdict(lat),
         "per_image_p50_s": {k: _median(v) for k, v in per_image.items()},
+        "answered_by_image": {k: len(v) for k, v in per_image.items()},
         "server_median_s": {a: med(a) for a in ("decode_s", "pack_s", "queue_s", "infer_s")},
         "overhead_median_s": _median([r.latency_s - r.infer_s for r in phase.records]),
     }
@@ -272,6 +273,13 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
                 results["service"][precision][mix] = asyncio.run(
                     _service_mix(server, model_name, ims, plan, mix, log)
                 )
+    # The peak is what the machine can do: on a shared machine the start and the end of a run
+    # can see different loads, and the larger (the harder roofline to reach) is kept.
+    end_peak, end_by = sgemm_gflops()
+    results["sgemm"]["at_end"] = end_peak
+    if end_peak > peak:
+        results["sgemm"].update(gflops=end_peak, engine=end_by)
+    log(f"sgemm at the end: {end_peak:.1f} GFLOP/s")
     results["wall_s"] = time.time() - started
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     return results

@@ -189,3 +189,12 @@ def test_closed_loop_counts_answers_and_cancels_at_the_deadline() -> None:
     assert {r.image for r in phase.records} == {"a", "b"}
     phase = asyncio.run(closed_loop(stuck, images, 4, requests=100, duration_s=0.2))
     assert len(phase.records) == 0 and phase.cancelled == 4 and phase.wall_s < 5
+
+
+def test_a_window_that_answered_cheap_images_is_not_credited_with_the_mix_mean() -> None:
+    from bench.report import answered_flops, mix_rate
+
+    results = {"mixes": {"m": {"flops": {"a": 10.0, "b": 30.0}, "flops_per_image": 20.0}}}
+    level = {"images_per_s": 4.0, "answered_by_image": {"a": 3, "b": 1}}
+    assert answered_flops(results, "m", level) == pytest.approx(15.0)
+    assert mix_rate(results, "m", level) == pytest.approx(3.0)  # 4 img/s x 15 / 20
