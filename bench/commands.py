@@ -33,6 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import dataclasses
     import json
+    import signal
+    import sys
+
+    # A terminated run still stops the server process it started (the context managers' finally).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     from bench.report import write
     from bench.run import Plan, run
