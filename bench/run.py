@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -249,8 +250,7 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
             "forward_s": {Path(p).stem: _median(v) for p, v in seconds.items()},  # type: ignore[union-attr]
         }
         log(f"pyiqa: {results['pyiqa']['forward_s']}")
-        for p in flat:  # the images are regenerated each run; keep results/ small
-            p.unlink()
+        shutil.rmtree(out / "images")  # regenerated each run; results/ keeps figures only
 
     results["ort"] = {}
     for precision in plan.precisions:
