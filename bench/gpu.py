@@ -76,21 +76,31 @@ def gpu_name() -> str:
     return "no GPU found"
 
 
+def random_official():  # type: ignore[no-untyped-def]
+    """The official-size network, seeded random weights (a spread head, so scores are not all 0)."""
+    import torch
+
+    from model.network import Musiq
+
+    torch.manual_seed(0)
+    model = Musiq(OFFICIAL).eval()
+    with torch.no_grad():
+        model.head.weight.normal_(0, 0.05)
+    return model
+
+
 def export_onnx(folder: Path, precision: str) -> Path:
     """The official-size model, random weights, traced + fused (+ fp16) with the project's metadata."""
     import onnx
-    import torch
 
     from export.graph import ScoringGraph, export_graph
     from export.metadata import ModelMetadata
     from export.optimize import fuse, to_fp16
-    from model.network import Musiq
 
     path = folder / f"official.{precision}.onnx"
     if path.is_file():
         return path
-    torch.manual_seed(0)
-    model = Musiq(OFFICIAL).eval()
+    model = random_official()
     traced = onnx.load(export_graph(ScoringGraph(model), folder / "traced.onnx"))
     graph = fuse(traced, OFFICIAL.num_heads, OFFICIAL.hidden_size)
     if precision == "fp16":
@@ -128,10 +138,7 @@ def ort_engine(
 def torch_engine(precision: str, device: str) -> tuple[Callable[[Sequence[PackedImage]], list[float]], str]:
     import torch
 
-    from model.network import Musiq
-
-    torch.manual_seed(0)
-    model = Musiq(OFFICIAL).eval().fold_weight_standardization().to(device)
+    model = random_official().fold_weight_standardization().to(device)
     dtype = torch.float16 if precision == "fp16" else torch.float32
     model = model.to(dtype)
 
