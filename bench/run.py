@@ -43,7 +43,8 @@ class Plan:
     mixes: tuple[str, ...] = MIXES
     precisions: tuple[str, ...] = ("fp32", "int8")
     concurrencies: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    latency_requests: int = 20  # per mix and protocol at concurrency 1 (cycles x mix size for "mixed")
+    latency_requests: int = 20  # per mix and protocol at concurrency 1
+    mixed_cycles: int = 8  # "mixed" at concurrency 1: rounds through its 5 images, per protocol
     # A sweep level lasts max(level_s, 2 x clients x the c=1 mean latency), at most max_level_s: long
     # enough for every client to be answered about twice even at 64 clients.
     level_s: dict[str, float] = field(default_factory=lambda: {"512x384": 8.0, "clive": 8.0, "mixed": 20.0})
@@ -60,6 +61,7 @@ class Plan:
         return cls(
             concurrencies=(1, 4, 16),
             latency_requests=4,
+            mixed_cycles=1,
             level_s={"512x384": 3.0, "clive": 3.0, "mixed": 6.0},
             max_level_s=12.0,
             forward_runs=2,
@@ -169,7 +171,7 @@ async def _service_mix(
     from service.gen import quality_pb2, quality_pb2_grpc
 
     result: dict[str, Any] = {}
-    n1 = plan.latency_requests * (len(images) if mix == "mixed" else 1)
+    n1 = plan.mixed_cycles * len(images) if mix == "mixed" else plan.latency_requests
     cap = max(60.0, 10 * plan.level_s[mix])
     limits = httpx.Limits(
         max_connections=max(plan.concurrencies) + 4, max_keepalive_connections=max(plan.concurrencies) + 4
