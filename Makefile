@@ -56,7 +56,7 @@ protos: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/pack_speed.py
 
-# pyiqa vs ORT alone vs the service (REST, gRPC, 1..64 clients), fp32/int8, the roofline: ~20 min.
+# pyiqa vs ORT alone vs the service (REST, gRPC, 1..64 clients), fp32/int8, the roofline (~20 min, estimated).
 bench-compare: $(STAMP)
 	$(BIN)/musiq bench
 

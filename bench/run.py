@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Plan:
-    """How much to measure: `full()` for the report (~20 min on 2 cores), `quick()` to try it out."""
+    """How much to measure: the defaults for the report (sized for ~20 min on a quiet 2-core machine,
+    an estimate: every level is bounded by `max_level_s`), `quick()` to try it out (~10 min)."""
 
     mixes: tuple[str, ...] = MIXES
     precisions: tuple[str, ...] = ("fp32", "int8")
