@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 PARITY_VENV ?= .venv-parity
 PARITY_STAMP := $(PARITY_VENV)/.installed
 
-.PHONY: install install-parity run test test-fast parity lint format protos bench default-model brisque-compare clean
+.PHONY: install install-parity run test test-fast parity lint format protos bench bench-compare default-model brisque-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ protos: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/pack_speed.py
+
+# pyiqa vs ORT alone vs the service (REST, gRPC, 1..64 clients), fp32/int8, the roofline (~20 min, estimated).
+bench-compare: $(STAMP)
+	$(BIN)/musiq bench
 
 # Train the default model on this CPU (hours), in the background; resumable.
 default-model: $(STAMP)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
+from bench.stats import sgemm_gflops, timed
 from export.graph import ScoringGraph, export_graph
 from export.optimize import fuse, to_fp16, to_int8
 from model.config import OFFICIAL
@@ -51,32 +51,6 @@ def photo(width: int, height: int) -> np.ndarray:
     return np.asarray(img.resize((width, height), Image.Resampling.BICUBIC))
 
 
-def sgemm_peak(n: int = 2048, runs: int = 7) -> tuple[float, str]:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    na, nb = a.numpy(), b.numpy()
-    best = (0.0, "")
-    for name, fn in (("torch", lambda: torch.mm(a, b)), ("numpy", lambda: na @ nb)):
-        fn()
-        t = []
-        for _ in range(runs):
-            s = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - s)
-        gflops = 2 * n**3 / statistics.median(t) / 1e9
-        best = max(best, (gflops, name))
-    return best
-
-
-def timed(fn, runs: int) -> float:  # type: ignore[no-untyped-def]
-    fn()  # warm-up (allocations, ORT's first-run shape planning)
-    t = []
-    for _ in range(runs):
-        s = time.perf_counter()
-        fn()
-        t.append(time.perf_counter() - s)
-    return statistics.median(t)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -102,7 +76,7 @@ def main() -> None:
             m.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
 
-    peak, peak_by = sgemm_peak()
+    peak, peak_by = sgemm_gflops()
     rows = []
     for w, h in ((512, 384), (1024, 768)):
         batch = collate([pack(photo(w, h))])
@@ -111,10 +85,14 @@ def main() -> None:
         inputs = [torch.from_numpy(a) for a in (batch.patches, batch.spatial, batch.scale, batch.mask)]
         feeds = {"patches": batch.patches, "spatial": batch.spatial, "scale": batch.scale, "mask": batch.mask}
         with torch.inference_mode():
-            results = {"PyTorch eager fp32": timed(lambda inputs=inputs: model(*inputs), args.runs)}
+            results = {
+                "PyTorch eager fp32": statistics.median(
+                    timed(lambda inputs=inputs: model(*inputs), args.runs)
+                )
+            }
         for name, s in sessions.items():
             f = dict(feeds, patches=batch.patches.astype(np.float16)) if "fp16" in name else feeds
-            results[name] = timed(lambda s=s, f=f: s.run(None, f), args.runs)
+            results[name] = statistics.median(timed(lambda s=s, f=f: s.run(None, f), args.runs))
         base = results["PyTorch eager fp32"]
         for name, sec in results.items():
             rows.append(

@@ -1,7 +1,7 @@
 """`musiq` entry point.
 
 Each subcommand lives with the package that owns it (`model.commands`: pack / convert / score;
-`export.commands`: export; `service.commands`: serve)
+`export.commands`: export; `service.commands`: serve; `bench.commands`: bench)
 and is imported only when chosen, so `musiq pack` never loads torch. Expected failures (bad
 input, bad checkpoint) end with one line on stderr and a non-zero exit, never a traceback; set
 MUSIQ_DEBUG=1 to see the traceback of an unexpected error.
@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from bench import commands as bench_commands
 from export import commands as export_commands
 from model import commands as model_commands
 from model import eval_command, train_command
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_command.register(sub)
     export_commands.register(sub)
     service_commands.register(sub)
+    bench_commands.register(sub)
     return parser
 
 

@@ -208,6 +208,34 @@ def pack(image: np.ndarray, config: PackingConfig | None = None) -> PackedImage:
     return PackedImage(patches, spatial, scale, mask, tuple(layout), config)
 
 
+def compact(packed: PackedImage) -> PackedImage:
+    """The same image without its padding rows: for inference, never for the official layout.
+
+    Resized scales reserve ceil(L / P)^2 rows whatever the aspect ratio (a 4:3 image fills 150
+    of 193; a 300x4000 strip 19), and the network computes every row, masked or not. Padding rows
+    are masked as keys and only the CLS output is read, and each row carries its own spatial and
+    scale ids, so dropping them leaves the score unchanged (up to float rounding) and saves
+    their whole cost. The layout's offsets and lengths are recomputed for the compact sequence.
+    """
+    if packed.num_valid == packed.num_tokens:
+        return packed
+    keep = packed.mask
+    layout, offset = [], 0
+    for s in packed.layout:
+        layout.append(
+            ScaleLayout(s.scale_id, s.height, s.width, s.grid_h, s.grid_w, offset, s.valid, s.valid)
+        )
+        offset += s.valid
+    return PackedImage(
+        packed.patches[keep],
+        packed.spatial[keep],
+        packed.scale[keep],
+        packed.mask[keep],
+        tuple(layout),
+        packed.config,
+    )
+
+
 def collate(items: Sequence[PackedImage], pad_to: int | None = None) -> PackedBatch:
     """Stacks packed images into one padded batch (padding rows: zeros, mask False).
 

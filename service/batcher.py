@@ -8,7 +8,9 @@ within a token budget. Scheduling rules, in order:
 - **No starvation.** Every batch is built around the oldest live item in the whole queue, so an
   item waits for at most the items that arrived before it, whatever their lengths.
 - **Bounded wait.** A batch that is not full leaves when its oldest item has waited
-  `max_queue_delay_s`; a full one leaves at once.
+  `max_queue_delay_s`; a full one leaves at once, and so does one that no item can join in time
+  (the optional `upstream` count, items being decoded and packed, is zero: a request not yet
+  in that stage needs longer than the delay to reach the queue).
 - **Backpressure.** At most `max_queue_items` wait; beyond that `submit` raises `QueueFull` with a
   retry-after estimate from the measured service rate (HTTP 429 / gRPC RESOURCE_EXHAUSTED). An
   item that, at the measured rate, would wait past its own deadline is refused the same way
@@ -153,8 +155,10 @@ class Batcher(Generic[T, R]):
         *,
         on_batch: Callable[[BatchInfo], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        upstream: Callable[[], int] | None = None,
     ) -> None:
         self.run_batch = run_batch
+        self.upstream = upstream
         self.config = config
         self.on_batch = on_batch
         self.clock = clock
@@ -326,6 +330,8 @@ class Batcher(Generic[T, R]):
                 remaining = oldest.enqueued + self.config.max_queue_delay_s - self.clock()
                 if full or remaining <= 0 or oldest.future.done():
                     break
+                if self.upstream is not None and self.upstream() == 0:
+                    break  # nobody can join within the delay: waiting would only add latency
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), remaining)

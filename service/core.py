@@ -19,7 +19,7 @@ import numpy as np
 
 from model.config import PackingConfig
 from model.decode import ImageDecodeError, ImageTooLargeError, decode_image
-from model.packing import PackedImage, pack
+from model.packing import PackedImage, compact, pack
 from service.batcher import (
     Batcher,
     BatchInfo,
@@ -40,6 +40,17 @@ logger = logging.getLogger(__name__)
 
 # How a model file becomes a runtime; tests substitute runtimes that fail or hang (a test seam).
 RuntimeFactory = Callable[[Path, RuntimeOptions], ModelRuntime]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A decoded, packed image: `packed` is the official layout (explanations map it back onto the
+    image), `compute` the rows inference needs (the same, or with padding rows dropped)."""
+
+    pixels: np.ndarray
+    packed: PackedImage
+    compute: PackedImage
+    timings: dict[str, float]
 
 
 class ScoringError(Exception):
@@ -160,10 +171,13 @@ class ScoringCore:
                 else:
                     self._set_health(name, None)
 
+    preparing: int = 0  # requests being decoded and packed: the batchers' possible company
+
     async def start(self) -> None:
         """Loads every model, proves each with a warm-up inference, then starts its batcher."""
         options = RuntimeOptions(
             intra_op_threads=self.settings.intra_op_threads,
+            spin_threads=self.settings.spin_threads,
             providers=tuple(self.settings.providers),
             pad_multiple=self.settings.pad_multiple,
         )
@@ -185,6 +199,7 @@ class ScoringCore:
                 runtime.predict,
                 self.settings.batcher_config(),
                 on_batch=self._on_batch(runtime.name),
+                upstream=None if self.settings.always_wait_queue_delay else (lambda: self.preparing),
             )
             batcher.seed_rate(warm_tokens / max(warm_s, 1e-6))
             await batcher.start()
@@ -260,23 +275,25 @@ class ScoringCore:
 
     def _decode_and_pack(
         self, data: bytes, packing: PackingConfig
-    ) -> tuple[np.ndarray, PackedImage, float, float]:
+    ) -> tuple[np.ndarray, PackedImage, PackedImage, float, float]:
+        """The pixels, the packed image, the rows to compute (padding rows dropped, see `compact`:
+        the same score for less work), and the decode and pack seconds."""
         t0 = time.perf_counter()
         pixels = decode_image(data, max_pixels=self.settings.max_pixels)
         t1 = time.perf_counter()
         packed = pack(pixels, packing)
-        return pixels, packed, t1 - t0, time.perf_counter() - t1
+        compute = compact(packed) if self.settings.drop_padding_rows else packed
+        return pixels, packed, compute, t1 - t0, time.perf_counter() - t1
 
-    async def _prepare(
-        self, data: bytes, served: ServedModel, max_native_tokens: int | None
-    ) -> tuple[np.ndarray, PackedImage, dict[str, float]]:
+    async def _prepare(self, data: bytes, served: ServedModel, max_native_tokens: int | None) -> Prepared:
         """Decodes and packs in the thread pool; undecodable input becomes a 4xx ScoringError."""
         packing = self.packing_for(served, max_native_tokens)
         if not data:
             raise ScoringError(400, "empty_body", "the request carries no image bytes")
         loop = asyncio.get_running_loop()
+        self.preparing += 1
         try:
-            pixels, packed, decode_s, pack_s = await loop.run_in_executor(
+            pixels, packed, compute, decode_s, pack_s = await loop.run_in_executor(
                 self.pool, self._decode_and_pack, data, packing
             )
         except ImageTooLargeError as exc:
@@ -284,18 +301,19 @@ class ScoringCore:
         except ImageDecodeError as exc:
             status = 415 if exc.reason == "unrecognised" else 400
             raise ScoringError(status, f"image_{exc.reason}", str(exc)) from exc
+        finally:
+            self.preparing -= 1  # from here the image is in the queue (submit enqueues at once)
         self.metrics.decode_seconds.observe(decode_s)
         self.metrics.pack_seconds.observe(pack_s)
-        return pixels, packed, {"decode_s": decode_s, "pack_s": pack_s}
+        return Prepared(pixels, packed, compute, {"decode_s": decode_s, "pack_s": pack_s})
 
-    async def _infer(
-        self, served: ServedModel, packed: PackedImage, timings: dict[str, float], timeout_s: float | None
-    ) -> ScoreResult:
+    async def _infer(self, served: ServedModel, prepared: Prepared, timeout_s: float | None) -> ScoreResult:
         """Queues a packed image on the model's batcher and waits for its score."""
-        tokens = served.runtime.padded_length(packed.num_tokens)
+        timings = prepared.timings
+        tokens = served.runtime.padded_length(prepared.compute.num_tokens)
         try:
             prediction = await served.batcher.submit(
-                packed,
+                prepared.compute,
                 tokens,
                 timeout_s=timeout_s,
                 timings=timings,
@@ -323,7 +341,7 @@ class ScoringCore:
             score=prediction.score,
             model=meta.name,
             model_version=meta.version,
-            tokens=packed.num_tokens,
+            tokens=prepared.packed.num_tokens,  # the official count, padding rows included
             timings=timings,
             distribution=prediction.distribution,
         )
@@ -369,8 +387,8 @@ class ScoringCore:
         served = self.model(model)
         timeout_s = self.settings.request_timeout_s if timeout_s is None else timeout_s
         with self._admitted(served, timeout_s):
-            _, packed, timings = await self._prepare(data, served, max_native_tokens)
-            return await self._infer(served, packed, timings, timeout_s)
+            prepared = await self._prepare(data, served, max_native_tokens)
+            return await self._infer(served, prepared, timeout_s)
 
     async def explain(
         self,
@@ -398,7 +416,8 @@ class ScoringCore:
         self.explain_waiting += 1
         try:
             with self._admitted(served, timeout):
-                pixels, packed, timings = await self._prepare(data, served, max_native_tokens)
+                prepared = await self._prepare(data, served, max_native_tokens)
+                pixels, packed = prepared.pixels, prepared.packed
                 if packed.num_tokens > self.settings.explain_max_tokens:
                     raise ScoringError(
                         413,
@@ -406,7 +425,7 @@ class ScoringCore:
                         f"{packed.num_tokens} tokens; explanations take at most "
                         f"{self.settings.explain_max_tokens} (lower max_native_tokens)",
                     )
-                result = await self._infer(served, packed, timings, timeout)
+                result = await self._infer(served, prepared, timeout)
             assert self.explain_slots is not None
             try:
                 await asyncio.wait_for(self.explain_slots.acquire(), max(0.0, deadline - time.monotonic()))

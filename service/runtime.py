@@ -26,6 +26,10 @@ logger = logging.getLogger(__name__)
 class RuntimeOptions:
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per physical core)
     inter_op_threads: int = 1
+    # ORT's worker threads busy-wait for work between operators unless told not to: fastest on an
+    # idle machine, but in a server the spinning steals the cores that decode and pack the next
+    # requests (see bench/results/PERFORMANCE.md), so it is off by default.
+    spin_threads: bool = False
     providers: tuple[str, ...] = ()  # empty: CUDA if available, else CPU
     # Round the padded token count up to a multiple of this (GPU: fewer distinct shapes to tune).
     pad_multiple: int = 1
@@ -67,6 +71,8 @@ class ModelRuntime:
         so.log_severity_level = 3
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
+        if not options.spin_threads:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
             self.session = ort.InferenceSession(

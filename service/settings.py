@@ -36,10 +36,19 @@ class ServiceSettings(BaseSettings):
     max_batch_tokens: int = 16384
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.004
+    always_wait_queue_delay: bool = Field(
+        False, description="wait the queue delay even when no request is being decoded (none can join)"
+    )
     max_queue_items: int = 512
     decode_threads: int = 2
     intra_op_threads: int = 0
+    spin_threads: bool = Field(
+        False, description="ONNX Runtime threads busy-wait between operators (steals decode/pack cores)"
+    )
     pad_multiple: int = 1
+    drop_padding_rows: bool = Field(
+        True, description="compute only real patch rows (same score, fewer tokens; model.packing.compact)"
+    )
     providers: list[str] = Field(default_factory=list)
     explain_concurrency: int = Field(1, description="attention rollouts (/v1/explain) computed at once")
     explain_max_waiting: int = Field(8, description="explanations allowed to wait; beyond, 429")

@@ -113,6 +113,33 @@ def test_lone_item_waits_at_most_the_queue_delay() -> None:
     run(main)
 
 
+def test_lone_item_leaves_at_once_when_nothing_is_upstream() -> None:
+    """At concurrency 1 the queue delay is pure latency: with nobody being decoded or packed,
+    nobody can join in time, so the batch goes at once; with somebody upstream, it waits."""
+
+    async def main() -> None:
+        upstream = [0]
+        model = FakeModel()
+        b: Batcher[int, int] = Batcher(
+            model, BatcherConfig(max_queue_delay_s=5.0), upstream=lambda: upstream[0]
+        )
+        await b.start()
+        t0 = time.monotonic()
+        assert await b.submit(7, 100) == 70
+        assert time.monotonic() - t0 < 1.0  # far below the 5 s delay
+        upstream[0] = 1
+        late = asyncio.create_task(b.submit(8, 100))
+        await asyncio.sleep(0.3)
+        assert not late.done()  # waiting for the item being packed
+        upstream[0] = 0
+        joined = asyncio.create_task(b.submit(9, 100))
+        assert await asyncio.gather(late, joined) == [80, 90]
+        assert model.batches == [[7], [8, 9]]
+        await b.stop()
+
+    run(main)
+
+
 def test_a_full_batch_leaves_without_waiting() -> None:
     async def main() -> None:
         b, _ = await started(FakeModel(), max_queue_delay_s=5.0, max_batch_size=4)

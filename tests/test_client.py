@@ -72,7 +72,12 @@ def test_errors_that_retries_cannot_fix_are_raised_at_once(endpoints: tuple[str,
 
 def test_retries_on_429_honour_retry_after() -> None:
     settings = ServiceSettings(
-        grpc_port=0, host="127.0.0.1", max_queue_items=1, max_queue_delay_s=0.3, max_batch_size=1
+        grpc_port=0,
+        host="127.0.0.1",
+        max_queue_items=1,
+        max_queue_delay_s=0.3,
+        always_wait_queue_delay=True,
+        max_batch_size=1,
     )
     srv, thread, url = start_server(settings)
     try:

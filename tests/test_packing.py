@@ -240,3 +240,23 @@ def test_native_cap_without_padding() -> None:
     cut = pack(img, PackingConfig(max_native_tokens=100, pad_native=False))
     assert cut.layout[-1].length == 100 and cut.mask.all() == (cut.num_valid == cut.num_tokens)
     assert PackingConfig.from_dict(PackingConfig(pad_native=False).to_dict()).pad_native is False
+
+
+def test_compact_keeps_every_valid_row_in_order() -> None:
+    from model.packing import compact
+
+    img = np.random.default_rng(0).integers(0, 256, (100, 333, 3), dtype=np.uint8)
+    packed = pack(img, PackingConfig())
+    small = compact(packed)
+    m = packed.mask
+    np.testing.assert_array_equal(small.patches, packed.patches[m])
+    np.testing.assert_array_equal(small.spatial, packed.spatial[m])
+    np.testing.assert_array_equal(small.scale, packed.scale[m])
+    assert small.mask.all() and small.num_tokens == packed.num_valid
+    assert [s.length for s in small.layout] == [s.valid for s in packed.layout]
+    assert [s.offset for s in small.layout] == [
+        0,
+        packed.layout[0].valid,
+        packed.layout[0].valid + packed.layout[1].valid,
+    ]
+    assert compact(small) is small

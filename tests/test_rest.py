@@ -303,9 +303,15 @@ def test_several_models_at_once_and_graceful_shutdown(tmp_path: Path) -> None:
         shapes=((1, 5, "none"),),
         log=lambda s: None,
     ).path
-    # a long queue delay keeps the shutdown-time requests waiting in the batcher
+    # a long queue delay, waited in full, keeps the shutdown-time requests waiting in the batcher
     srv, thread, url = start_server(
-        ServiceSettings(models=[EMBEDDED_ONNX, tiny], max_queue_delay_s=1.0, grpc_port=0, host="127.0.0.1")
+        ServiceSettings(
+            models=[EMBEDDED_ONNX, tiny],
+            max_queue_delay_s=1.0,
+            always_wait_queue_delay=True,
+            grpc_port=0,
+            host="127.0.0.1",
+        )
     )
     try:
         names = {m["name"] for m in httpx.get(f"{url}/v1/models").json()["models"]}
@@ -359,6 +365,7 @@ def test_queue_full_is_429_with_retry_after_and_deadline_is_504() -> None:
         host="127.0.0.1",
         max_queue_items=2,
         max_queue_delay_s=1.0,
+        always_wait_queue_delay=True,
         max_batch_size=64,
         request_timeout_s=5,
     )
@@ -384,7 +391,13 @@ def test_queue_full_is_429_with_retry_after_and_deadline_is_504() -> None:
         thread.join(timeout=30)
 
     srv, thread, url = start_server(
-        ServiceSettings(grpc_port=0, host="127.0.0.1", max_queue_delay_s=1.0, request_timeout_s=0.2)
+        ServiceSettings(
+            grpc_port=0,
+            host="127.0.0.1",
+            max_queue_delay_s=1.0,
+            always_wait_queue_delay=True,
+            request_timeout_s=0.2,
+        )
     )
     try:
         r = httpx.post(f"{url}/v1/score", content=jpeg(), headers={"Content-Type": "image/jpeg"}, timeout=30)
@@ -395,7 +408,13 @@ def test_queue_full_is_429_with_retry_after_and_deadline_is_504() -> None:
 
 
 def test_a_client_that_leaves_costs_no_inference() -> None:
-    settings = ServiceSettings(grpc_port=0, host="127.0.0.1", max_queue_delay_s=1.5, request_timeout_s=10)
+    settings = ServiceSettings(
+        grpc_port=0,
+        host="127.0.0.1",
+        max_queue_delay_s=1.5,
+        always_wait_queue_delay=True,
+        request_timeout_s=10,
+    )
     srv, thread, url = start_server(settings)
     try:
         core = srv.config.app.state.core

@@ -83,3 +83,18 @@ def test_the_service_never_imports_torch() -> None:
     code = "import sys, service.batcher, service.runtime; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_dropping_padding_rows_keeps_the_score(runtime: ModelRuntime) -> None:
+    """The server computes `compact` images: fewer rows, the same scores as the official layout."""
+    from model.packing import compact
+
+    packed = [pack(img, runtime.packing) for img in images()]
+    small = [compact(p) for p in packed]
+    assert [s.num_tokens for s in small] == [p.num_valid for p in packed]
+    assert sum(s.num_tokens for s in small) < sum(p.num_tokens for p in packed)
+    full = [p.score for p in runtime.predict(packed)]
+    dropped = [p.score for p in runtime.predict(small)]
+    alone = [runtime.predict([s])[0].score for s in small]
+    np.testing.assert_allclose(dropped, full, atol=1e-4)
+    np.testing.assert_allclose(alone, full, atol=1e-4)

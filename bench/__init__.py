@@ -1,0 +1,1 @@
+"""Benchmarks: `musiq bench` (the side-by-side harness, `bench.run`) and stand-alone scripts."""

@@ -1,0 +1,116 @@
+"""Side-by-side ONNX Runtime experiments behind bench/results/PERFORMANCE.md.
+
+Usage: python bench/ort_experiments.py [--runs 5] [--cache runs/bench-cache]
+
+Every comparison is interleaved (A, B, A, B, ...) in one process, so that the load of a shared
+machine hits both sides alike; medians and their ratio are printed. Experiments, official-size
+fp32 model (the harness's cached export):
+1. padding rows: the official layout vs `model.packing.compact` (what the service computes);
+2. batching: 4 images in one batch vs 4 batches of one (images/s);
+3. intra-op threads: 1 vs 2 per session;
+4. thread spinning on vs off while another thread packs images, as the service's decode pool does;
+and the sgemm GFLOP/s of the same run, to put the achieved FLOP rates in proportion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.models import official_models
+from bench.stats import roofline_fraction, sgemm_gflops
+from bench.workload import load_mix
+from model.config import OFFICIAL
+from model.decode import decode_image
+from model.flops import forward_flops
+from model.packing import compact, pack
+from service.runtime import ModelRuntime, RuntimeOptions
+
+
+def interleaved(a: Callable[[], object], b: Callable[[], object], runs: int) -> tuple[float, float]:
+    a()
+    b()
+    ta, tb = [], []
+    for _ in range(runs):
+        for fn, out in ((a, ta), (b, tb)):
+            s = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - s)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--cache", default="runs/bench-cache")
+    args = parser.parse_args()
+    path = official_models(Path(args.cache))["fp32"]
+    peak, engine = sgemm_gflops()
+    print(f"sgemm {peak:.1f} GFLOP/s ({engine})")
+    rt = ModelRuntime(path)
+    images = {im.name: im for im in load_mix("512x384", OFFICIAL) + load_mix("mixed", OFFICIAL)}
+
+    print("\n1. padding rows (batch 1): official layout vs compact")
+    for name in ("512x384", "1024x768", "300x4000"):
+        full = pack(decode_image(images[name].data), rt.packing)
+        small = compact(full)
+        a, b = interleaved(
+            lambda full=full: rt.predict([full]), lambda small=small: rt.predict([small]), args.runs
+        )
+        flops = forward_flops(OFFICIAL, small.num_tokens)
+        print(
+            f"  {name}: {full.num_tokens} -> {small.num_tokens} tokens: {a * 1e3:.1f} -> {b * 1e3:.1f} ms "
+            f"(x{a / b:.2f}); compact at {roofline_fraction(flops, 1 / b, peak):.0%} of sgemm"
+        )
+
+    print("\n2. batching, 512x384 (compact): 4 batches of 1 vs 1 batch of 4")
+    one = compact(pack(decode_image(images["512x384"].data), rt.packing))
+    a, b = interleaved(
+        lambda: [rt.predict([one]) for _ in range(4)], lambda: rt.predict([one] * 4), args.runs
+    )
+    flops = forward_flops(OFFICIAL, one.num_tokens)
+    print(
+        f"  {4 / a:.2f} vs {4 / b:.2f} images/s (x{a / b:.2f}); "
+        f"{roofline_fraction(flops, 4 / a, peak):.0%} vs {roofline_fraction(flops, 4 / b, peak):.0%} of sgemm"
+    )
+
+    print("\n3. intra-op threads, 512x384 (compact), batch 1: 1 vs 2")
+    rt1 = ModelRuntime(path, RuntimeOptions(intra_op_threads=1))
+    rt2 = ModelRuntime(path, RuntimeOptions(intra_op_threads=2))
+    a, b = interleaved(lambda: rt1.predict([one]), lambda: rt2.predict([one]), args.runs)
+    print(f"  {a * 1e3:.1f} vs {b * 1e3:.1f} ms (x{a / b:.2f} from the second thread)")
+
+    print("\n4. 512x384 (compact) batch 1 while a thread packs 512x384 images: spinning on vs off")
+    import threading
+
+    spin = ModelRuntime(path, RuntimeOptions(spin_threads=True))
+    calm = ModelRuntime(path, RuntimeOptions(spin_threads=False))
+    pixels = decode_image(images["512x384"].data)
+    stop = threading.Event()
+    packed = [0]
+
+    def packer() -> None:
+        while not stop.is_set():
+            pack(pixels, rt.packing)
+            packed[0] += 1
+            time.sleep(0.02)  # ~ a 512x384 request every 30 ms: a busy server's decode pool
+
+    thread = threading.Thread(target=packer, daemon=True)
+    thread.start()
+    try:
+        a, b = interleaved(lambda: spin.predict([one]), lambda: calm.predict([one]), args.runs)
+    finally:
+        stop.set()
+        thread.join()
+    print(
+        f"  {a * 1e3:.1f} vs {b * 1e3:.1f} ms (x{a / b:.2f} without spinning); {packed[0]} images packed beside"
+    )
+
+
+if __name__ == "__main__":
+    main()
