@@ -45,7 +45,7 @@ def test_score_raw_body_equals_the_runtime(server: str) -> None:
     packing = runtime.packing
     expected = runtime.predict([pack(decode_image(data), packing)])[0].score
     assert body["score"] == pytest.approx(expected, abs=1e-5)
-    assert body["model"] == "musiq-clive-small" and body["model_version"] == "1"
+    assert body["model"] == "musiq-clive-small" and body["model_version"] == "2"
     assert body["tokens"] == 49 + 144 + 70
     assert set(body["timings"]) == {"decode_s", "pack_s", "queue_s", "infer_s"}
     assert body["timings"]["infer_s"] > 0
