@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,6 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from service.core import ScoreResult, ScoringCore, ScoringError
 from service.gen import quality_pb2, quality_pb2_grpc
 from service.security import ApiKeyInterceptor, ApiKeys, grpc_server_credentials
+
+T = TypeVar("T")
 
 SERVICE_NAME = quality_pb2.DESCRIPTOR.services_by_name["Quality"].full_name
 
@@ -79,35 +82,36 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
         self.core.metrics.requests.labels("grpc", route, code.name).inc()
         self.core.metrics.request_seconds.labels("grpc", route).observe(time.perf_counter() - start)
 
-    async def Score(self, request, context):  # type: ignore[no-untyped-def]
+    async def _answer(self, method: str, context, work: Awaitable[T]) -> T:  # type: ignore[no-untyped-def]
+        """Awaits `work`, observes the call, and turns a ScoringError into the matching status."""
         start = time.perf_counter()
         try:
-            result = await self._score(request, context)
+            result = await work
         except ScoringError as exc:
             self.core.metrics.rejected.labels(exc.code).inc()
             status = _STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
-            await self._observe("Score", status, start)
+            await self._observe(method, status, start)
             await context.abort(status, f"{exc.code}: {exc.message}")
-        await self._observe("Score", grpc.StatusCode.OK, start)
+        await self._observe(method, grpc.StatusCode.OK, start)
+        return result
+
+    async def Score(self, request, context):  # type: ignore[no-untyped-def]
+        result = await self._answer("Score", context, self._score(request, context))
         return _reply(request.id, result)
 
     async def Explain(self, request, context):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
         remaining = context.time_remaining()
         timeout = self.core.settings.request_timeout_s
         if remaining is not None:
             timeout = min(timeout, max(0.0, remaining))
         cap = request.max_native_tokens if request.HasField("max_native_tokens") else None
-        try:
-            explained = await self.core.explain(
+        explained = await self._answer(
+            "Explain",
+            context,
+            self.core.explain(
                 request.image, model=request.model or None, max_native_tokens=cap, timeout_s=timeout
-            )
-        except ScoringError as exc:
-            self.core.metrics.rejected.labels(exc.code).inc()
-            status = _STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
-            await self._observe("Explain", status, start)
-            await context.abort(status, f"{exc.code}: {exc.message}")
-        await self._observe("Explain", grpc.StatusCode.OK, start)
+            ),
+        )
         return quality_pb2.ExplainReply(
             score=_reply(request.id, explained.result),
             scales=[
