@@ -377,35 +377,23 @@ def test_train_distribution_head(tmp_path: Path) -> None:
     assert load_checkpoint(Path(cfg.out) / "last.safetensors").score_range == (1.0, 5.0)
 
 
-def test_training_loss_decreases_on_a_learnable_target(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["", "bf16"])
+def test_training_loss_decreases_on_a_learnable_target(tmp_path: Path, precision: str) -> None:
     # A score on a 0..5 scale: with an L1 loss, a few dozen steps at this lr move the head enough
-    # (on a 0..100 scale the same run only shaves ~1 % off the loss).
+    # (on a 0..100 scale the same run only shaves ~1 % off the loss). bf16 autocasts the compute;
+    # the weights stay float32.
     write_brightness_set(tmp_path / "data", n=20)
     cfg = TrainConfig.load(
         write_recipe(
             tmp_path / "r.toml",
             data='csv = "data/labels.csv"',
-            train="epochs = 6\nlr = 3e-3\nweight_decay = 0.0\nwarmup_fraction = 0.1",
+            train=f'epochs = 6\nlr = 3e-3\nweight_decay = 0.0\nwarmup_fraction = 0.1\nprecision = "{precision}"',
         )
     )
     train(cfg, progress=False)
     losses = [r["train_loss"] for r in metrics(Path(cfg.out))]
     assert len(losses) == 6
-    assert losses[-1] < 0.85 * losses[0], losses  # about 1.14 -> 0.70 with seed 0
-
-
-def test_bf16_autocast_trains_and_keeps_float32_weights(tmp_path: Path) -> None:
-    write_brightness_set(tmp_path / "data", n=20)
-    cfg = TrainConfig.load(
-        write_recipe(
-            tmp_path / "r.toml",
-            data='csv = "data/labels.csv"',
-            train='epochs = 6\nlr = 3e-3\nweight_decay = 0.0\nwarmup_fraction = 0.1\nprecision = "bf16"',
-        )
-    )
-    train(cfg, progress=False)
-    losses = [r["train_loss"] for r in metrics(Path(cfg.out))]
-    assert losses[-1] < 0.85 * losses[0], losses
+    assert losses[-1] < 0.85 * losses[0], losses  # about 1.14 -> 0.70 with seed 0 in float32
     assert all(w.dtype == np.float32 for w in weights(Path(cfg.out) / "last.safetensors").values())
 
 
