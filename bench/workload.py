@@ -43,12 +43,12 @@ def _jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _bsds(width: int, height: int) -> Path:
-    for path in sorted((DATA / "bsds500" / "images").glob("*/*.jpg")):
+def _bsds(width: int, height: int, data: Path) -> Path:
+    for path in sorted((data / "bsds500" / "images").glob("*/*.jpg")):
         with Image.open(path) as img:
             if img.size == (width, height):
                 return path
-    raise FileNotFoundError(f"no {width}x{height} BSDS500 photo under {DATA / 'bsds500'}")
+    raise FileNotFoundError(f"no {width}x{height} BSDS500 photo under {data / 'bsds500'}")
 
 
 def _image(name: str, data: bytes, config: MusiqConfig) -> BenchImage:
@@ -59,23 +59,24 @@ def _image(name: str, data: bytes, config: MusiqConfig) -> BenchImage:
     return BenchImage(name, data, pixels.shape[1], pixels.shape[0], packed.num_tokens, packed.num_valid)
 
 
-def load_mix(mix: str, config: MusiqConfig, clive_count: int = 8) -> list[BenchImage]:
-    """The images of one mix, in the order a round-robin client sends them."""
-    landscape = _bsds(481, 321)
+def load_mix(mix: str, config: MusiqConfig, clive_count: int = 8, data: Path = DATA) -> list[BenchImage]:
+    """The images of one mix, in the order a round-robin client sends them (`data`: the folder
+    holding bsds500/ and clive/ as in ../shared/data)."""
+    landscape = _bsds(481, 321, data)
     if mix == "512x384":
         img = Image.open(landscape).convert("RGB").resize((512, 384), Image.Resampling.BICUBIC)
         return [_image("512x384", _jpeg(img), config)]
     if mix == "mixed":
         out = [
             _image("bsds-481x321", landscape.read_bytes(), config),
-            _image("bsds-321x481", _bsds(321, 481).read_bytes(), config),
+            _image("bsds-321x481", _bsds(321, 481, data).read_bytes(), config),
         ]
         base = Image.open(landscape).convert("RGB")
         for w, h in MIXED_RESIZED:
             out.append(_image(f"{w}x{h}", _jpeg(base.resize((w, h), Image.Resampling.BICUBIC)), config))
         return out
     if mix == "clive":
-        folder = DATA / "clive" / "images"
+        folder = data / "clive" / "images"
         chosen = []
         for path in sorted(folder.iterdir()):
             if path.suffix.lower() in (".jpg", ".jpeg"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from model.config import OFFICIAL
 from model.flops import forward_flops
 from service.batcher import BatchInfo
 from service.metrics import ServiceMetrics
+from tests.helpers import jpeg
 
 
 @pytest.mark.parametrize("q", [0, 1, 25, 50, 90, 99, 100])
@@ -152,10 +154,20 @@ def test_report_renders_and_picks_the_saturation_level() -> None:
     )
 
 
-def test_mixes_are_the_issues_images() -> None:
+def test_mixes_are_the_issues_images(tmp_path: Path) -> None:
     from bench.workload import load_mix
 
-    mixed = load_mix("mixed", OFFICIAL)
+    # A data folder laid out as ../shared/data, with photos of the released sizes.
+    for folder, name, (w, h) in [
+        ("bsds500/images/train", "1.jpg", (481, 321)),
+        ("bsds500/images/test", "2.jpg", (321, 481)),
+        ("clive/images", "3.jpg", (500, 500)),
+        ("clive/images", "4.jpg", (500, 500)),
+        ("clive/images", "5.jpg", (640, 480)),
+    ]:
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / folder / name).write_bytes(jpeg(h, w))
+    mixed = load_mix("mixed", OFFICIAL, data=tmp_path)
     assert [(i.width, i.height) for i in mixed] == [
         (481, 321),
         (321, 481),
@@ -164,8 +176,11 @@ def test_mixes_are_the_issues_images() -> None:
         (300, 4000),
     ]
     assert [i.tokens for i in mixed] == [369, 369, 961, 3154, 1443]
-    assert [(i.width, i.height, i.tokens) for i in load_mix("512x384", OFFICIAL)] == [(512, 384, 385)]
-    assert {(i.width, i.height) for i in load_mix("clive", OFFICIAL, clive_count=3)} == {(500, 500)}
+    assert [(i.width, i.height, i.tokens) for i in load_mix("512x384", OFFICIAL, data=tmp_path)] == [
+        (512, 384, 385)
+    ]
+    clive = load_mix("clive", OFFICIAL, clive_count=3, data=tmp_path)
+    assert [(i.width, i.height) for i in clive] == [(500, 500), (500, 500)]
 
 
 def test_closed_loop_counts_answers_and_cancels_at_the_deadline() -> None:
