@@ -244,7 +244,7 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
     if plan.pyiqa:
         from bench import pyiqa_env
 
-        paths = {mix: write_files(ims, out / "images" / mix) for mix, ims in images.items()}
+        paths = {mix: write_files(ims, cache / "images" / mix) for mix, ims in images.items()}
         flat = [p for ps in paths.values() for p in ps]
         raw = pyiqa_env.forward_times(flat, plan.pyiqa_runs, log=log)
         seconds = raw.pop("seconds")
