@@ -210,7 +210,10 @@ class ScoringCore:
                 1
             )
         self.metrics.watch_queues(
-            lambda: [(name, s.batcher.depth, s.batcher.in_flight) for name, s in self.models.items()]
+            lambda: [
+                (name, s.batcher.depth, s.batcher.in_flight, s.batcher.config.max_queue_items)
+                for name, s in self.models.items()
+            ]
         )
         self.explain_pool = ThreadPoolExecutor(
             max(1, self.settings.explain_concurrency), thread_name_prefix="musiq-explain"

@@ -21,17 +21,23 @@ TOKEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 class _QueueCollector(Collector):
-    def __init__(self, read: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+    def __init__(self, read: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
         self.read = read
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         depth = GaugeMetricFamily("musiq_queue_depth", "Images waiting for a batch.", labels=["model"])
         flight = GaugeMetricFamily("musiq_in_flight", "Images in a running batch.", labels=["model"])
-        for model, waiting, running in self.read():
+        # Exported so that alerts compare the depth with the configured bound, whatever it is.
+        capacity = GaugeMetricFamily(
+            "musiq_queue_capacity", "Images the queue holds before refusing (429).", labels=["model"]
+        )
+        for model, waiting, running, places in self.read():
             depth.add_metric([model], waiting)
             flight.add_metric([model], running)
+            capacity.add_metric([model], places)
         yield depth
         yield flight
+        yield capacity
 
 
 class ServiceMetrics:
@@ -100,7 +106,8 @@ class ServiceMetrics:
             registry=r,
         )
 
-    def watch_queues(self, read: Callable[[], Iterable[tuple[str, int, int]]]) -> None:
+    def watch_queues(self, read: Callable[[], Iterable[tuple[str, int, int, int]]]) -> None:
+        """`read` gives (model, queued, in flight, queue capacity) at each scrape."""
         self.registry.register(_QueueCollector(read))
 
     def batch_hook(self, model: str) -> Callable[[BatchInfo], None]:

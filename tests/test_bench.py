@@ -75,7 +75,7 @@ def test_prom_reads_the_services_own_metrics() -> None:
     assert phase.batch_tokens.distribution() == [("<= 512", 1), ("<= 4096", 1)]
     assert prom.parse(_metrics_text(first), "other").computed_tokens == 0
     metrics = ServiceMetrics()
-    metrics.watch_queues(lambda: [("m", 3, 2)])
+    metrics.watch_queues(lambda: [("m", 3, 2, 512)])
     assert prom.busy(generate_latest(metrics.registry).decode()) == 5
 
 
