@@ -276,17 +276,15 @@ class ScoringCore:
         p = served.runtime.packing
         return PackingConfig(p.patch_size, p.grid_size, p.longer_sides, limit, pad_native=False)
 
-    def _decode_and_pack(
-        self, data: bytes, packing: PackingConfig
-    ) -> tuple[np.ndarray, PackedImage, PackedImage, float, float]:
-        """The pixels, the packed image, the rows to compute (padding rows dropped, see `compact`:
-        the same score for less work), and the decode and pack seconds."""
+    def _decode_and_pack(self, data: bytes, packing: PackingConfig) -> Prepared:
+        """Runs in the decode pool; the rows to compute drop the padding rows (see `compact`: the
+        same score for less work)."""
         t0 = time.perf_counter()
         pixels = decode_image(data, max_pixels=self.settings.max_pixels)
         t1 = time.perf_counter()
         packed = pack(pixels, packing)
         compute = compact(packed) if self.settings.drop_padding_rows else packed
-        return pixels, packed, compute, t1 - t0, time.perf_counter() - t1
+        return Prepared(pixels, packed, compute, {"decode_s": t1 - t0, "pack_s": time.perf_counter() - t1})
 
     async def _prepare(self, data: bytes, served: ServedModel, max_native_tokens: int | None) -> Prepared:
         """Decodes and packs in the thread pool; undecodable input becomes a 4xx ScoringError."""
@@ -296,9 +294,7 @@ class ScoringCore:
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
-            pixels, packed, compute, decode_s, pack_s = await loop.run_in_executor(
-                self.pool, self._decode_and_pack, data, packing
-            )
+            prepared = await loop.run_in_executor(self.pool, self._decode_and_pack, data, packing)
         except ImageTooLargeError as exc:
             raise ScoringError(413, "image_too_large", str(exc)) from exc
         except ImageDecodeError as exc:
@@ -306,9 +302,9 @@ class ScoringCore:
             raise ScoringError(status, f"image_{exc.reason}", str(exc)) from exc
         finally:
             self.preparing -= 1  # from here the image is in the queue (submit enqueues at once)
-        self.metrics.decode_seconds.observe(decode_s)
-        self.metrics.pack_seconds.observe(pack_s)
-        return Prepared(pixels, packed, compute, {"decode_s": decode_s, "pack_s": pack_s})
+        self.metrics.decode_seconds.observe(prepared.timings["decode_s"])
+        self.metrics.pack_seconds.observe(prepared.timings["pack_s"])
+        return prepared
 
     async def _infer(self, served: ServedModel, prepared: Prepared, timeout_s: float | None) -> ScoreResult:
         """Queues a packed image on the model's batcher and waits for its score."""
