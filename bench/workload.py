@@ -62,11 +62,12 @@ def _image(name: str, data: bytes, config: MusiqConfig) -> BenchImage:
 def load_mix(mix: str, config: MusiqConfig, clive_count: int = 8, data: Path = DATA) -> list[BenchImage]:
     """The images of one mix, in the order a round-robin client sends them (`data`: the folder
     holding bsds500/ and clive/ as in ../shared/data)."""
-    landscape = _bsds(481, 321, data)
     if mix == "512x384":
+        landscape = _bsds(481, 321, data)
         img = Image.open(landscape).convert("RGB").resize((512, 384), Image.Resampling.BICUBIC)
         return [_image("512x384", _jpeg(img), config)]
     if mix == "mixed":
+        landscape = _bsds(481, 321, data)
         out = [
             _image("bsds-481x321", landscape.read_bytes(), config),
             _image("bsds-321x481", _bsds(321, 481, data).read_bytes(), config),

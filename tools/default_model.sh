@@ -6,12 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
-CLIVE=${CLIVE:-../shared/data/clive}
 date
 $BIN/musiq train --config configs/pretrain_synthetic.toml --no-progress
 date
 $BIN/musiq train --config configs/clive_finetune.toml --no-progress
 date
-$BIN/musiq split --data "$CLIVE/labels.csv" -o runs/clive_split.csv
 tools/install_default.sh runs/clive/best.safetensors
 date
