@@ -24,6 +24,8 @@ from model.config import PackingConfig
 from model.decode import decode_image
 from model.packing import pack
 from model.resize import gaussian_spans
+from service.heap import keep_freed_memory
+from service.settings import ServiceSettings
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bsds500" / "images"
 
@@ -63,6 +65,7 @@ def main() -> None:
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     data, origin = test_jpeg(args.image)
     config = PackingConfig()
+    keep_freed_memory(ServiceSettings().heap_keep_mb)  # as `musiq serve` runs it
 
     gaussian_spans.cache_clear()
     t0 = time.perf_counter()

@@ -15,6 +15,13 @@ Attention is emitted as ONNX Runtime's fused `com.microsoft.Attention` (one pack
 masked softmax and the per-head products in one kernel) through the TorchScript exporter's
 symbolic hook; its key mask is the 2-D raw mask, which ORT turns into a -10000 bias: padded keys
 get exactly zero weight in float32, as with the official -1e10.
+
+The ResNet patch encoder is rewritten for export too (`ExportPatchEncoder`): TensorFlow's
+asymmetric "SAME" padding goes into the Conv / MaxPool `pads` attribute instead of separate Pad
+nodes, GroupNorm becomes one LayerNormalization over each contiguous channel group plus the
+per-channel affine, and the embedding's weight rows are permuted so that it reads the feature map
+in the convolutions' own (c, h, w) order, which removes a transpose of the largest activation.
+Same arithmetic; ~11 % less fp32 and ~15 % less int8 time at 342 tokens (bench/results/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.network import Attention, Musiq, head_score
+from model.network import RESNET_WIDTH, Attention, Musiq, PatchEncoder, StdConv2d, head_score
 
 INPUT_NAMES = ("patches", "spatial", "scale", "mask")
 
@@ -71,6 +78,92 @@ class FusedAttention(nn.Module):
         return self.out(_FusedAttentionFn.apply(x, self.qkv_weight, self.qkv_bias, key_mask, self.heads))
 
 
+class _SamePadConvFn(torch.autograd.Function):
+    """Eager: explicit "SAME" pad, then the convolution; ONNX: one Conv with asymmetric `pads`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, pads, stride):  # type: ignore[override]
+        return F.conv2d(F.pad(x, pads), weight, None, stride)
+
+    @staticmethod
+    def symbolic(g, x, weight, pads, stride):  # type: ignore[no-untyped-def]
+        left, right, top, bottom = pads
+        k = weight.type().sizes()[-1]
+        return g.op(
+            "Conv",
+            x,
+            weight,
+            kernel_shape_i=[k, k],
+            strides_i=[stride, stride],
+            pads_i=[top, left, bottom, right],
+        )
+
+
+class _SamePadMaxPoolFn(torch.autograd.Function):
+    """3x3/2 max pool after "SAME" zero padding; ONNX MaxPool pads with -inf instead, which is
+    the same here because its input is post-ReLU (>= 0) and every window holds a real value."""
+
+    @staticmethod
+    def forward(ctx, x, pads):  # type: ignore[override]
+        return F.max_pool2d(F.pad(x, pads), 3, 2)
+
+    @staticmethod
+    def symbolic(g, x, pads):  # type: ignore[no-untyped-def]
+        left, right, top, bottom = pads
+        return g.op("MaxPool", x, kernel_shape_i=[3, 3], strides_i=[2, 2], pads_i=[top, left, bottom, right])
+
+
+def _same_conv(conv: StdConv2d, x: torch.Tensor) -> torch.Tensor:
+    return _SamePadConvFn.apply(x, conv.standardized_weight(), conv.pads, conv.stride[0])
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, size: int) -> torch.Tensor:
+    """GroupNorm of an NCHW map as LayerNorm over each group's contiguous (C/G) x H x W block.
+
+    `size` (H = W) is static, so every reshape exports with constant shapes.
+    """
+    c, groups = norm.num_channels, norm.num_groups
+    width = c // groups * size * size
+    y = F.layer_norm(x.reshape(-1, groups, width), (width,), eps=norm.eps).reshape(-1, c, size, size)
+    return y * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+class ExportPatchEncoder(nn.Module):
+    """`model.network.PatchEncoder` ("resnet" or "conv") in the form ONNX Runtime runs fastest.
+
+    Computes the same function; the exporter's parity check compares it with the original.
+    """
+
+    def __init__(self, encoder: PatchEncoder) -> None:
+        super().__init__()
+        if encoder.root is None:
+            raise ValueError("a linear patch encoder needs no rewrite")
+        self.patch_size = p = encoder.patch_size
+        self.root, self.block = encoder.root, encoder.block
+        channels = 4 * RESNET_WIDTH if self.block is not None else RESNET_WIDTH
+        weight = encoder.embedding.weight.detach()  # [D, (h, w, c)]
+        d = weight.shape[0]
+        weight = weight.reshape(d, p // 4, p // 4, channels).permute(0, 3, 1, 2).reshape(d, -1)
+        self.embedding = nn.Linear(weight.shape[1], d)
+        with torch.no_grad():
+            self.embedding.weight.copy_(weight)
+            self.embedding.bias.copy_(encoder.embedding.bias)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        b, n, p = patches.shape[0], patches.shape[1], self.patch_size
+        root, block = self.root, self.block
+        x = patches.reshape(-1, p, p, 3).permute(0, 3, 1, 2)  # NHWC rows -> NCHW
+        x = F.relu(_group_norm(root.norm, _same_conv(root.conv, x), p // 2))
+        x = _SamePadMaxPoolFn.apply(x, root.pool_pads)
+        if block is not None:
+            q = p // 4
+            residual = _group_norm(block.gn_proj, _same_conv(block.conv_proj, x), q)
+            y = F.relu(_group_norm(block.gn1, _same_conv(block.conv1, x), q))
+            y = F.relu(_group_norm(block.gn2, _same_conv(block.conv2, y), q))
+            x = F.relu(residual + _group_norm(block.gn3, _same_conv(block.conv3, y), q))
+        return self.embedding(x.reshape(b, n, -1))  # (c, h, w) order: the permuted weight's
+
+
 class ScoringGraph(nn.Module):
     """What the server runs: packed tokens in, score (and distribution) out."""
 
@@ -80,6 +173,8 @@ class ScoringGraph(nn.Module):
         if fused_attention:
             for block in model.blocks:
                 block.attention = FusedAttention(block.attention)
+        if model.patch_encoder.root is not None:
+            model.patch_encoder = ExportPatchEncoder(model.patch_encoder)
         self.model = model
         self.head = model.config.head
 

@@ -32,6 +32,7 @@ from service.batcher import (
     WouldMissDeadline,
 )
 from service.explain import RolloutRuntime, ScaleExplanation, explain_scales, rollout_path
+from service.heap import keep_freed_memory
 from service.metrics import ServiceMetrics
 from service.runtime import ModelRuntime, Prediction, RuntimeOptions
 from service.settings import ServiceSettings
@@ -181,6 +182,7 @@ class ScoringCore:
             providers=tuple(self.settings.providers),
             pad_multiple=self.settings.pad_multiple,
         )
+        keep_freed_memory(self.settings.heap_keep_mb)
         self.pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="musiq-decode")
         for path in self.settings.model_paths():
             runtime = await asyncio.to_thread(self.runtime_factory, path, options)

@@ -45,6 +45,10 @@ class ServiceSettings(BaseSettings):
     spin_threads: bool = Field(
         False, description="ONNX Runtime threads busy-wait between operators (steals decode/pack cores)"
     )
+    heap_keep_mb: int = Field(
+        256,
+        description="freed memory kept for the next request's arrays (0: glibc defaults; service/heap.py)",
+    )
     pad_multiple: int = 1
     drop_padding_rows: bool = Field(
         True, description="compute only real patch rows (same score, fewer tokens; model.packing.compact)"

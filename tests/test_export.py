@@ -83,6 +83,33 @@ def test_fusions_fired(exported: exporter.ExportResult) -> None:
     assert fused.get("SkipLayerNormalization", 0) + fused.get("LayerNormalization", 0) >= 2 * TINY.num_layers
 
 
+def test_patch_encoder_exports_without_pads_or_layout_transposes(exported: exporter.ExportResult) -> None:
+    """SAME padding lives in the Conv / MaxPool attributes and the embedding reads the NCHW map
+    directly: no Pad node, one Transpose (the NHWC input patches), one LayerNormalization per GroupNorm."""
+    graph = onnx.load(exported.path).graph
+    ops = [n.op_type for n in graph.node]
+    assert "Pad" not in ops and "InstanceNormalization" not in ops
+    assert ops.count("Transpose") == 1
+    pads = {
+        n.name: next(a.ints for a in n.attribute if a.name == "pads")
+        for n in graph.node
+        if n.op_type in ("Conv", "MaxPool")
+    }
+    assert sorted(map(list, pads.values())) == [[0] * 4] * 3 + [[0, 0, 1, 1], [1] * 4, [2, 2, 3, 3]]
+
+
+@pytest.mark.parametrize("encoder", ["resnet", "conv"])
+def test_export_patch_encoder_computes_the_same_function(encoder: str) -> None:
+    from export.graph import ExportPatchEncoder
+
+    model = randomised(TINY.replace(patch_encoder=encoder), seed=3).fold_weight_standardization()
+    patches = torch.rand(2, 5, 32 * 32 * 3) * 2 - 1
+    with torch.no_grad():
+        want = model.patch_encoder(patches)
+        got = ExportPatchEncoder(model.patch_encoder)(patches)
+    assert torch.allclose(got, want, atol=1e-5)
+
+
 def test_metadata_round_trips_through_onnxruntime(
     exported: exporter.ExportResult, checkpoints: dict[str, Path]
 ) -> None:

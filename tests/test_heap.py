@@ -1,0 +1,25 @@
+"""service.heap: the glibc thresholds that stop per-request arrays from page-faulting."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from service.heap import keep_freed_memory
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_applies_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert keep_freed_memory(256) is True
+
+
+def test_zero_leaves_the_defaults() -> None:
+    assert keep_freed_memory(0) is False
+
+
+def test_an_explicit_glibc_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert keep_freed_memory(256) is False
