@@ -23,7 +23,7 @@ from PIL import Image
 from model.config import PackingConfig
 from model.decode import decode_image
 from model.packing import pack
-from model.resize import gaussian_spans
+from model.resize import gaussian_spans, pixel_spans
 from service.heap import keep_freed_memory
 from service.settings import ServiceSettings
 
@@ -68,6 +68,7 @@ def main() -> None:
     keep_freed_memory(ServiceSettings().heap_keep_mb)  # as `musiq serve` runs it
 
     gaussian_spans.cache_clear()
+    pixel_spans.cache_clear()
     t0 = time.perf_counter()
     pixels = decode_image(data)
     t1 = time.perf_counter()
