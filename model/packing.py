@@ -250,6 +250,9 @@ def collate(items: Sequence[PackedImage], pad_to: int | None = None) -> PackedBa
     length = longest if pad_to is None else pad_to
     if length < longest:
         raise ValueError(f"pad_to={pad_to} is shorter than the longest item ({longest} tokens)")
+    if len(items) == 1 and length == longest:  # a batch of one needs no copy: views of the item
+        it = items[0]
+        return PackedBatch(it.patches[None], it.spatial[None], it.scale[None], it.mask[None])
     b = len(items)
     patches = np.zeros((b, length, dims.pop()), np.float32)
     spatial = np.zeros((b, length), np.int32)
