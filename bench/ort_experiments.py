@@ -9,7 +9,11 @@ fp32 model (the harness's cached export):
 2. batching: 4 images in one batch vs 4 batches of one (images/s);
 3. intra-op threads: 1 vs 2 per session;
 4. thread spinning on vs off while another thread packs images, as the service's decode pool does;
-and the sgemm GFLOP/s of the same run, to put the achieved FLOP rates in proportion.
+5. the exported patch encoder: the network's own (Pad nodes, InstanceNormalization, a transpose
+   before the embedding) vs `export.graph.ExportPatchEncoder`, fp32 and int8;
+6. two concurrent runs of one session vs one run at a time (images/s);
+and the sgemm GFLOP/s of the same run (the best of numpy, torch and ONNX Runtime's MLAS), to put
+the achieved FLOP rates in proportion.
 """
 
 from __future__ import annotations
@@ -110,6 +114,54 @@ def main() -> None:
     print(
         f"  {a * 1e3:.1f} vs {b * 1e3:.1f} ms (x{a / b:.2f} without spinning); {packed[0]} images packed beside"
     )
+
+    print("\n5. exported patch encoder, 512x384 (compact) batch 1: network's own vs rewritten")
+    for precision, (plain, rewritten) in _encoder_variants(Path(args.cache)).items():
+        a_rt, b_rt = ModelRuntime(plain), ModelRuntime(rewritten)
+        a, b = interleaved(
+            lambda a_rt=a_rt: a_rt.predict([one]), lambda b_rt=b_rt: b_rt.predict([one]), args.runs
+        )
+        print(f"  {precision}: {a * 1e3:.1f} -> {b * 1e3:.1f} ms (x{a / b:.2f})")
+
+    print("\n6. 512x384 (compact) batch 1, 8 images: one run at a time vs two concurrent runs")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = interleaved(
+            lambda: [rt.predict([one]) for _ in range(8)],
+            lambda: list(pool.map(lambda _: rt.predict([one]), range(8))),
+            args.runs,
+        )
+    print(f"  {8 / a:.2f} vs {8 / b:.2f} images/s (x{a / b:.2f} from concurrency)")
+
+
+def _encoder_variants(cache: Path) -> dict[str, tuple[Path, Path]]:
+    """fp32 and int8 files of the official-size model with and without the export patch encoder
+    (the same random weights as the harness's models; cached beside them)."""
+    import onnx
+    import torch
+
+    from export.graph import ScoringGraph, export_graph
+    from export.optimize import fuse, to_int8
+    from model.checkpoint import load_checkpoint
+    from model.network import build_model
+
+    official_models(cache)  # the checkpoint the harness exported from
+    model = build_model(load_checkpoint(cache / "musiq-official-seed0.safetensors"))
+    out: dict[str, list[Path]] = {"fp32": [], "int8": []}
+    for name, rewrite in (("plain", False), ("rewritten", True)):
+        fp32, int8 = cache / f"encoder-{name}.fp32.onnx", cache / f"encoder-{name}.int8.onnx"
+        if not (fp32.is_file() and int8.is_file()):
+            with torch.no_grad():
+                traced = onnx.load(
+                    export_graph(ScoringGraph(model, export_encoder=rewrite), cache / "traced.onnx")
+                )
+            fused = fuse(traced, OFFICIAL.num_heads, OFFICIAL.hidden_size)
+            onnx.save(fused, fp32)
+            onnx.save(to_int8(fused), int8)
+        out["fp32"].append(fp32)
+        out["int8"].append(int8)
+    return {k: (v[0], v[1]) for k, v in out.items()}
 
 
 if __name__ == "__main__":

@@ -60,12 +60,18 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--image", help="an image file to use instead of the built-in 1024x768 JPEG")
+    parser.add_argument(
+        "--heap-keep-mb",
+        type=int,
+        default=ServiceSettings().heap_keep_mb,
+        help="as MUSIQ_HEAP_KEEP_MB (0: glibc's defaults, every request's arrays page-fault anew)",
+    )
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     data, origin = test_jpeg(args.image)
     config = PackingConfig()
-    keep_freed_memory(ServiceSettings().heap_keep_mb)  # as `musiq serve` runs it
+    keep_freed_memory(args.heap_keep_mb)  # as `musiq serve` runs it
 
     gaussian_spans.cache_clear()
     pixel_spans.cache_clear()

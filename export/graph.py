@@ -167,13 +167,14 @@ class ExportPatchEncoder(nn.Module):
 class ScoringGraph(nn.Module):
     """What the server runs: packed tokens in, score (and distribution) out."""
 
-    def __init__(self, model: Musiq, fused_attention: bool = True) -> None:
+    def __init__(self, model: Musiq, fused_attention: bool = True, export_encoder: bool = True) -> None:
+        """`export_encoder=False` keeps the network's own patch encoder (for A/B timings)."""
         super().__init__()
         model = copy.deepcopy(model).eval().fold_weight_standardization()
         if fused_attention:
             for block in model.blocks:
                 block.attention = FusedAttention(block.attention)
-        if model.patch_encoder.root is not None:
+        if export_encoder and model.patch_encoder.root is not None:
             model.patch_encoder = ExportPatchEncoder(model.patch_encoder)
         self.model = model
         self.head = model.config.head
