@@ -52,87 +52,95 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", default="runs/bench-cache")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated experiment numbers")
     args = parser.parse_args()
+    only = {int(n) for n in args.only.split(",")}
     path = official_models(Path(args.cache))["fp32"]
     peak, engine = sgemm_gflops()
     print(f"sgemm {peak:.1f} GFLOP/s ({engine})")
     rt = ModelRuntime(path)
     images = {im.name: im for im in load_mix("512x384", OFFICIAL) + load_mix("mixed", OFFICIAL)}
 
-    print("\n1. padding rows (batch 1): official layout vs compact")
-    for name in ("512x384", "1024x768", "300x4000"):
-        full = pack(decode_image(images[name].data), rt.packing)
-        small = compact(full)
-        a, b = interleaved(
-            lambda full=full: rt.predict([full]), lambda small=small: rt.predict([small]), args.runs
-        )
-        flops = forward_flops(OFFICIAL, small.num_tokens)
-        print(
-            f"  {name}: {full.num_tokens} -> {small.num_tokens} tokens: {a * 1e3:.1f} -> {b * 1e3:.1f} ms "
-            f"(x{a / b:.2f}); compact at {roofline_fraction(flops, 1 / b, peak):.0%} of sgemm"
-        )
-
-    print("\n2. batching, 512x384 (compact): 4 batches of 1 vs 1 batch of 4")
     one = compact(pack(decode_image(images["512x384"].data), rt.packing))
-    a, b = interleaved(
-        lambda: [rt.predict([one]) for _ in range(4)], lambda: rt.predict([one] * 4), args.runs
-    )
-    flops = forward_flops(OFFICIAL, one.num_tokens)
-    print(
-        f"  {4 / a:.2f} vs {4 / b:.2f} images/s (x{a / b:.2f}); "
-        f"{roofline_fraction(flops, 4 / a, peak):.0%} vs {roofline_fraction(flops, 4 / b, peak):.0%} of sgemm"
-    )
+    if 1 in only:
+        print("\n1. padding rows (batch 1): official layout vs compact")
+        for name in ("512x384", "1024x768", "300x4000"):
+            full = pack(decode_image(images[name].data), rt.packing)
+            small = compact(full)
+            a, b = interleaved(
+                lambda full=full: rt.predict([full]), lambda small=small: rt.predict([small]), args.runs
+            )
+            flops = forward_flops(OFFICIAL, small.num_tokens)
+            print(
+                f"  {name}: {full.num_tokens} -> {small.num_tokens} tokens: {a * 1e3:.1f} -> {b * 1e3:.1f} ms "
+                f"(x{a / b:.2f}); compact at {roofline_fraction(flops, 1 / b, peak):.0%} of sgemm"
+            )
 
-    print("\n3. intra-op threads, 512x384 (compact), batch 1: 1 vs 2")
-    rt1 = ModelRuntime(path, RuntimeOptions(intra_op_threads=1))
-    rt2 = ModelRuntime(path, RuntimeOptions(intra_op_threads=2))
-    a, b = interleaved(lambda: rt1.predict([one]), lambda: rt2.predict([one]), args.runs)
-    print(f"  {a * 1e3:.1f} vs {b * 1e3:.1f} ms (x{a / b:.2f} from the second thread)")
-
-    print("\n4. 512x384 (compact) batch 1 while a thread packs 512x384 images: spinning on vs off")
-    import threading
-
-    spin = ModelRuntime(path, RuntimeOptions(spin_threads=True))
-    calm = ModelRuntime(path, RuntimeOptions(spin_threads=False))
-    pixels = decode_image(images["512x384"].data)
-    stop = threading.Event()
-    packed = [0]
-
-    def packer() -> None:
-        while not stop.is_set():
-            pack(pixels, rt.packing)
-            packed[0] += 1
-            time.sleep(0.02)  # ~ a 512x384 request every 30 ms: a busy server's decode pool
-
-    thread = threading.Thread(target=packer, daemon=True)
-    thread.start()
-    try:
-        a, b = interleaved(lambda: spin.predict([one]), lambda: calm.predict([one]), args.runs)
-    finally:
-        stop.set()
-        thread.join()
-    print(
-        f"  {a * 1e3:.1f} vs {b * 1e3:.1f} ms (x{a / b:.2f} without spinning); {packed[0]} images packed beside"
-    )
-
-    print("\n5. exported patch encoder, 512x384 (compact) batch 1: network's own vs rewritten")
-    for precision, (plain, rewritten) in _encoder_variants(Path(args.cache)).items():
-        a_rt, b_rt = ModelRuntime(plain), ModelRuntime(rewritten)
+    if 2 in only:
+        print("\n2. batching, 512x384 (compact): 4 batches of 1 vs 1 batch of 4")
         a, b = interleaved(
-            lambda a_rt=a_rt: a_rt.predict([one]), lambda b_rt=b_rt: b_rt.predict([one]), args.runs
+            lambda: [rt.predict([one]) for _ in range(4)], lambda: rt.predict([one] * 4), args.runs
         )
-        print(f"  {precision}: {a * 1e3:.1f} -> {b * 1e3:.1f} ms (x{a / b:.2f})")
-
-    print("\n6. 512x384 (compact) batch 1, 8 images: one run at a time vs two concurrent runs")
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(2) as pool:
-        a, b = interleaved(
-            lambda: [rt.predict([one]) for _ in range(8)],
-            lambda: list(pool.map(lambda _: rt.predict([one]), range(8))),
-            args.runs,
+        flops = forward_flops(OFFICIAL, one.num_tokens)
+        print(
+            f"  {4 / a:.2f} vs {4 / b:.2f} images/s (x{a / b:.2f}); "
+            f"{roofline_fraction(flops, 4 / a, peak):.0%} vs {roofline_fraction(flops, 4 / b, peak):.0%} of sgemm"
         )
-    print(f"  {8 / a:.2f} vs {8 / b:.2f} images/s (x{a / b:.2f} from concurrency)")
+
+    if 3 in only:
+        print("\n3. intra-op threads, 512x384 (compact), batch 1: 1 vs 2")
+        rt1 = ModelRuntime(path, RuntimeOptions(intra_op_threads=1))
+        rt2 = ModelRuntime(path, RuntimeOptions(intra_op_threads=2))
+        a, b = interleaved(lambda: rt1.predict([one]), lambda: rt2.predict([one]), args.runs)
+        print(f"  {a * 1e3:.1f} vs {b * 1e3:.1f} ms (x{a / b:.2f} from the second thread)")
+
+    if 4 in only:
+        print("\n4. 512x384 (compact) batch 1 while a thread packs 512x384 images: spinning on vs off")
+        import threading
+
+        spin = ModelRuntime(path, RuntimeOptions(spin_threads=True))
+        calm = ModelRuntime(path, RuntimeOptions(spin_threads=False))
+        pixels = decode_image(images["512x384"].data)
+        stop = threading.Event()
+        packed = [0]
+
+        def packer() -> None:
+            while not stop.is_set():
+                pack(pixels, rt.packing)
+                packed[0] += 1
+                time.sleep(0.02)  # ~ a 512x384 request every 30 ms: a busy server's decode pool
+
+        thread = threading.Thread(target=packer, daemon=True)
+        thread.start()
+        try:
+            a, b = interleaved(lambda: spin.predict([one]), lambda: calm.predict([one]), args.runs)
+        finally:
+            stop.set()
+            thread.join()
+        print(
+            f"  {a * 1e3:.1f} vs {b * 1e3:.1f} ms (x{a / b:.2f} without spinning); {packed[0]} images packed beside"
+        )
+
+    if 5 in only:
+        print("\n5. exported patch encoder, 512x384 (compact) batch 1: network's own vs rewritten")
+        for precision, (plain, rewritten) in _encoder_variants(Path(args.cache)).items():
+            a_rt, b_rt = ModelRuntime(plain), ModelRuntime(rewritten)
+            a, b = interleaved(
+                lambda a_rt=a_rt: a_rt.predict([one]), lambda b_rt=b_rt: b_rt.predict([one]), args.runs
+            )
+            print(f"  {precision}: {a * 1e3:.1f} -> {b * 1e3:.1f} ms (x{a / b:.2f})")
+
+    if 6 in only:
+        print("\n6. 512x384 (compact) batch 1, 8 images: one run at a time vs two concurrent runs")
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(2) as pool:
+            a, b = interleaved(
+                lambda: [rt.predict([one]) for _ in range(8)],
+                lambda: list(pool.map(lambda _: rt.predict([one]), range(8))),
+                args.runs,
+            )
+        print(f"  {8 / a:.2f} vs {8 / b:.2f} images/s (x{a / b:.2f} from concurrency)")
 
 
 def _encoder_variants(cache: Path) -> dict[str, tuple[Path, Path]]:
@@ -146,8 +154,9 @@ def _encoder_variants(cache: Path) -> dict[str, tuple[Path, Path]]:
     from model.checkpoint import load_checkpoint
     from model.network import build_model
 
-    official_models(cache)  # the checkpoint the harness exported from
+    harness = official_models(cache)  # the checkpoint the harness exported from
     model = build_model(load_checkpoint(cache / "musiq-official-seed0.safetensors"))
+    props = {p: onnx.load(path, load_external_data=False).metadata_props for p, path in harness.items()}
     out: dict[str, list[Path]] = {"fp32": [], "int8": []}
     for name, rewrite in (("plain", False), ("rewritten", True)):
         fp32, int8 = cache / f"encoder-{name}.fp32.onnx", cache / f"encoder-{name}.int8.onnx"
@@ -157,8 +166,9 @@ def _encoder_variants(cache: Path) -> dict[str, tuple[Path, Path]]:
                     export_graph(ScoringGraph(model, export_encoder=rewrite), cache / "traced.onnx")
                 )
             fused = fuse(traced, OFFICIAL.num_heads, OFFICIAL.hidden_size)
-            onnx.save(fused, fp32)
-            onnx.save(to_int8(fused), int8)
+            for graph, path, precision in ((fused, fp32, "fp32"), (to_int8(fused), int8, "int8")):
+                graph.metadata_props.extend(props[precision])  # what ModelRuntime reads
+                onnx.save(graph, path)
         out["fp32"].append(fp32)
         out["int8"].append(int8)
     return {k: (v[0], v[1]) for k, v in out.items()}
