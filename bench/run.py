@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
-import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -256,7 +255,6 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
             "forward_s": {Path(p).stem: _median(v) for p, v in seconds.items()},  # type: ignore[union-attr]
         }
         log(f"pyiqa: {results['pyiqa']['forward_s']}")
-        shutil.rmtree(out / "images")  # regenerated each run; results/ keeps figures only
 
     results["ort"] = {}
     for precision in plan.precisions:
