@@ -8,7 +8,7 @@ Usage:
 Each round starts one server per variant in turn (the harness's model files and server settings,
 `bench/run.py`), warms it for 3 s, then runs a closed loop of `--clients` REST clients for
 `--seconds`. Printed per variant and round: images/s, client p50 latency, the server's own median
-decode / pack / inference times, and the CPU cores the server process kept busy.
+decode / pack / inference times, the CPU cores the server process kept busy and its peak RSS.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ from model.config import OFFICIAL
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 async def _measure(url: str, images, clients: int, seconds: float) -> load.Phase:  # type: ignore[no-untyped-def]
@@ -78,6 +85,7 @@ def main() -> None:
                     resource.getrusage(resource.RUSAGE_SELF),
                     time.time(),
                 )
+                peak_mib = _peak_rss_mib(server.process.pid)
             rec = phase.records
 
             def med(attr: str, rec=rec) -> float:
@@ -87,7 +95,8 @@ def main() -> None:
             print(
                 f"round {rnd} {name:>10}: {phase.images_per_s:6.2f} img/s  p50 {med('latency_s'):6.1f} ms  "
                 f"decode {med('decode_s'):5.2f}  pack {med('pack_s'):5.2f}  infer {med('infer_s'):6.1f} ms  "
-                f"CPU: server {(cpu1 - cpu0) / (t1 - t0):.2f}, load generator {client_cpu / (t1 - t0):.2f} cores",
+                f"CPU: server {(cpu1 - cpu0) / (t1 - t0):.2f}, load generator {client_cpu / (t1 - t0):.2f} cores; "
+                f"server peak RSS {peak_mib:.0f} MiB",
                 flush=True,
             )
 

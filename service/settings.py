@@ -34,7 +34,9 @@ class ServiceSettings(BaseSettings):
     max_batch_items: int = Field(64, description="images in one /v1/score:batch request")
     max_native_tokens: int = Field(512, description="server cap on native-resolution tokens (-1: none)")
     max_batch_tokens: int = 16384
-    max_batch_size: int = 32
+    max_batch_size: int = Field(
+        4, description="images in one inference batch (CPU: more only adds memory; GPU: raise it, e.g. 32)"
+    )
     max_queue_delay_s: float = 0.004
     always_wait_queue_delay: bool = Field(
         False, description="wait the queue delay even when no request is being decoded (none can join)"
