@@ -12,6 +12,7 @@ fp32 model (the harness's cached export):
 5. the exported patch encoder: the network's own (Pad nodes, InstanceNormalization, a transpose
    before the embedding) vs `export.graph.ExportPatchEncoder`, fp32 and int8;
 6. two concurrent runs of one session vs one run at a time (images/s);
+7. ONNX Runtime's operator profile of the served fp32 and int8 graphs (shares of kernel time);
 and the sgemm GFLOP/s of the same run (the best of numpy, torch and ONNX Runtime's MLAS), to put
 the achieved FLOP rates in proportion.
 """
@@ -52,7 +53,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", default="runs/bench-cache")
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated experiment numbers")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated experiment numbers")
     args = parser.parse_args()
     only = {int(n) for n in args.only.split(",")}
     path = official_models(Path(args.cache))["fp32"]
@@ -141,6 +142,46 @@ def main() -> None:
                 args.runs,
             )
         print(f"  {8 / a:.2f} vs {8 / b:.2f} images/s (x{a / b:.2f} from concurrency)")
+
+    if 7 in only:
+        print("\n7. where ORT's time goes: operator shares, 512x384 (compact) batch 1, served graphs")
+        for precision, model_path in official_models(Path(args.cache)).items():
+            shares, ms = operator_profile(model_path, one, args.runs)
+            top = ", ".join(f"{op} {share:.0%}" for op, share in shares[:12])
+            print(f"  {precision} ({ms:.1f} ms per run, profiled): {top}")
+
+
+def operator_profile(path: Path, packed, runs: int) -> tuple[list[tuple[str, float]], float]:  # type: ignore[no-untyped-def]
+    """ONNX Runtime's own per-operator profile: (operator type, share of kernel time), largest
+    first, and the mean profiled run in ms (profiling adds a little to every operator)."""
+    import json
+    import os
+    import tempfile
+    from collections import Counter
+
+    import onnxruntime as ort
+
+    from model.packing import collate
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the service runs
+    with tempfile.TemporaryDirectory() as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = os.path.join(tmp, "ort")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        batch = collate([packed])
+        feeds = {"patches": batch.patches, "spatial": batch.spatial, "scale": batch.scale, "mask": batch.mask}
+        session.run(None, feeds)
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    kernel: Counter[str] = Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            kernel[e["args"]["op_name"]] += e["dur"]
+    total = sum(kernel.values())
+    return [(op, t / total) for op, t in kernel.most_common()], total / (runs + 1) / 1000
 
 
 def _encoder_variants(cache: Path) -> dict[str, tuple[Path, Path]]:
