@@ -5,7 +5,7 @@ Usage: python bench/export_speed.py [--runs 7] [--out bench/results/export_speed
 For a 512x384 and a 1024x768 photo (packed: 385 and 961 tokens) prints milliseconds per image
 (median of repeated runs, batch 1) and the achieved GFLOP/s (FLOPs counted from the config and the
 token count, `model.flops`) against this machine's sgemm peak, measured in the same run with a
-2048^3 float32 matrix product in torch and in numpy (the larger counts). Weights are random: speed
+2048^3 float32 matrix product in numpy, torch and ONNX Runtime (the largest counts). Weights are random: speed
 does not depend on them. All engines use every core the process may use.
 """
 
