@@ -142,14 +142,21 @@ def test_fault_cycles_leak_nothing(faulty: tuple[FaultSwitch, Any, str, str]) ->
     _fault_cycle("raise", switch, url, target)
     assert _wait_for(lambda: switch.hung == 0)
     first = _leftovers(core)
-    for _ in range(2):
+    cycles = 4
+    for _ in range(cycles):
         _fault_cycle("hang", switch, url, target)
         _fault_cycle("raise", switch, url, target)
     assert _wait_for(lambda: switch.hung == 0)
     time.sleep(0.3)
     after = _leftovers(core)
     assert after["in_progress"] == after["queued"] == after["in_flight"] == after["stuck"] == 0, after
-    assert after["threads"] <= first["threads"] and after["tasks"] <= first["tasks"], (first, after)
+    # Thread pools start their workers lazily, so a health probe that happens to overlap a stuck
+    # batch can add one worker for good (bounded by the pool's size); a thread leaked per hang
+    # would add one per cycle. Fewer new threads than cycles: nothing leaks.
+    assert after["threads"] < first["threads"] + cycles and after["tasks"] <= first["tasks"], (
+        first,
+        after,
+    )
 
 
 def test_sigterm_under_load_finishes_accepted_work_refuses_new_and_exits_in_grace() -> None:
