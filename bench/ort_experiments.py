@@ -187,6 +187,8 @@ def operator_profile(path: Path, packed, runs: int) -> tuple[list[tuple[str, flo
 def _encoder_variants(cache: Path) -> dict[str, tuple[Path, Path]]:
     """fp32 and int8 files of the official-size model with and without the export patch encoder
     (the same random weights as the harness's models; cached beside them)."""
+    import tempfile
+
     import onnx
     import torch
 
@@ -196,23 +198,23 @@ def _encoder_variants(cache: Path) -> dict[str, tuple[Path, Path]]:
     from model.network import build_model
 
     harness = official_models(cache)  # the checkpoint the harness exported from
-    model = build_model(load_checkpoint(cache / "musiq-official-seed0.safetensors"))
-    props = {p: onnx.load(path, load_external_data=False).metadata_props for p, path in harness.items()}
-    out: dict[str, list[Path]] = {"fp32": [], "int8": []}
+    files = {
+        (name, p): cache / f"encoder-{name}.{p}.onnx" for name in ("plain", "rewritten") for p in harness
+    }
     for name, rewrite in (("plain", False), ("rewritten", True)):
-        fp32, int8 = cache / f"encoder-{name}.fp32.onnx", cache / f"encoder-{name}.int8.onnx"
-        if not (fp32.is_file() and int8.is_file()):
-            with torch.no_grad():
-                traced = onnx.load(
-                    export_graph(ScoringGraph(model, export_encoder=rewrite), cache / "traced.onnx")
-                )
-            fused = fuse(traced, OFFICIAL.num_heads, OFFICIAL.hidden_size)
-            for graph, path, precision in ((fused, fp32, "fp32"), (to_int8(fused), int8, "int8")):
-                graph.metadata_props.extend(props[precision])  # what ModelRuntime reads
-                onnx.save(graph, path)
-        out["fp32"].append(fp32)
-        out["int8"].append(int8)
-    return {k: (v[0], v[1]) for k, v in out.items()}
+        if all(files[name, p].is_file() for p in harness):
+            continue
+        model = build_model(load_checkpoint(cache / "musiq-official-seed0.safetensors"))
+        props = {p: onnx.load(path).metadata_props for p, path in harness.items()}
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+            traced = onnx.load(
+                export_graph(ScoringGraph(model, export_encoder=rewrite), Path(tmp) / "traced.onnx")
+            )
+        fused = fuse(traced, OFFICIAL.num_heads, OFFICIAL.hidden_size)
+        for precision, graph in (("fp32", fused), ("int8", to_int8(fused))):
+            graph.metadata_props.extend(props[precision])  # what ModelRuntime reads
+            onnx.save(graph, files[name, precision])
+    return {p: (files["plain", p], files["rewritten", p]) for p in harness}
 
 
 if __name__ == "__main__":

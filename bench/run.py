@@ -90,11 +90,8 @@ def ort_forward(model: Path, images: list[BenchImage], runs: int) -> dict[str, d
     compact one the service computes (padding rows dropped), and decode + pack."""
     from model.decode import decode_image
     from model.packing import compact, pack
-    from service.heap import keep_freed_memory
     from service.runtime import ModelRuntime
-    from service.settings import ServiceSettings
 
-    keep_freed_memory(ServiceSettings().heap_keep_mb)  # decode + pack timed as the service runs them
     runtime = ModelRuntime(model)
     packing = runtime.packing
     out = {}
@@ -256,6 +253,10 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
         }
         log(f"pyiqa: {results['pyiqa']['forward_s']}")
 
+    from service.heap import keep_freed_memory
+    from service.settings import ServiceSettings
+
+    keep_freed_memory(ServiceSettings().heap_keep_mb)  # decode + pack timed as the service runs them
     results["ort"] = {}
     for precision in plan.precisions:
         results["ort"][precision] = {
