@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,22 @@ def test_score_a_folder_ranked_as_csv(tmp_path: Path) -> None:
     assert {Path(r[1]).name for r in rows} == {"a.jpg", "b.jpg", "c.jpg"}
     jsonl = musiq("score", folder, "--rank")
     assert [json.loads(ln)["rank"] for ln in jsonl.stdout.splitlines()] == [1, 2, 3]
+
+
+def test_a_command_imports_only_its_own_module() -> None:
+    """`musiq serve` in the image has no bench/ and no torch: choosing it loads neither, nor training."""
+    probe = (
+        "import sys; from cli.main import build_parser; build_parser('serve').parse_args(['serve']); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('bench', 'torch', 'export', 'model', 'onnx') or m.startswith('model.train')))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_listing_names_every_installed_command() -> None:
+    result = musiq("--help")
+    assert result.returncode == 0
+    for command in ("pack", "convert", "score", "eval", "train", "split", "export", "serve", "bench"):
+        assert command in result.stdout
