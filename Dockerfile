@@ -1,36 +1,38 @@
 # syntax=docker/dockerfile:1
 # MUSIQ scoring service image: CPU (default) or CUDA, one Dockerfile, chosen by build arguments.
+# Both build on a plain Debian + Python base; CUDA comes from PyPI, not from an nvidia/cuda base:
 #
 #   docker build -t musiq:cpu .
-#   docker build -t musiq:cuda \
-#     --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04 \
-#     --build-arg ONNXRUNTIME=onnxruntime-gpu==1.22.0 .
+#   docker build -t musiq:cuda --build-arg ONNXRUNTIME='onnxruntime-gpu[cuda,cudnn]==1.31.1' .
+#
+# onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9; its `cuda` and `cudnn` extras install
+# NVIDIA's runtime wheels (cuBLAS, cuDNN, cuFFT, cuRAND, the CUDA runtime) into the venv, and the
+# runtime stage registers their folders with the dynamic linker. Only the GPU driver (libcuda.so.1)
+# comes from the host, as the NVIDIA container toolkit mounts it.
 #
 # The venv is built in a stage on the same base as the runtime (so its interpreter links hold)
 # and copied over: the runtime stage has no compilers, no pip, no torch. The embedded default
 # model ships inside the installed `model` package; more ONNX files are mounted at /models and
-# named in MUSIQ_MODELS. See deploy/README.md.
+# named in MUSIQ_MODELS. See deploy/README.md; deploy/container_proof.sh builds and runs both.
 
-# The CUDA base must carry CUDA 12 + cuDNN 9: what onnxruntime-gpu >= 1.19 on PyPI is built for.
 ARG BASE_IMAGE=python:3.11.11-slim-bookworm
 
 # ---- interpreter -------------------------------------------------------------------------------
 FROM ${BASE_IMAGE} AS base
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# The python image has 3.11; CUDA images have no Python: 3.11 comes from the distribution (Ubuntu
-# 22.04 universe, Debian 12 main). The project requires 3.11 exactly.
-RUN if ! command -v python3.11 >/dev/null; then \
+# The python images have Python; a plain Debian base gets the distribution's python3 (3.11 on
+# Debian 12, 3.13 on Debian 13: the project runs on 3.11 to 3.13).
+RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
         apt-get update \
-        && apt-get install -y --no-install-recommends python3.11=3.11.* python3.11-venv=3.11.* \
+        && apt-get install -y --no-install-recommends python3-venv=3.* \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
 # ---- build the venv ----------------------------------------------------------------------------
 FROM base AS build
-# Which ONNX Runtime wheel serves: onnxruntime (CPU) or e.g. onnxruntime-gpu==1.22.0 (CUDA).
+# Which ONNX Runtime wheel serves: onnxruntime (CPU) or 'onnxruntime-gpu[cuda,cudnn]==1.31.1'.
 ARG ONNXRUNTIME=onnxruntime
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN python3.11 -m venv /opt/musiq
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model/ model/
@@ -38,18 +40,8 @@ COPY service/ service/
 COPY cli/ cli/
 COPY export/ export/
 COPY musiq_client/ musiq_client/
-# The base dependency set only (no train/export extras: no torch). Another ONNX Runtime wheel
-# replaces the CPU one: both install the same `onnxruntime` module.
-RUN /opt/musiq/bin/pip install . \
-    && if [ "${ONNXRUNTIME}" != "onnxruntime" ]; then \
-         /opt/musiq/bin/pip uninstall -y onnxruntime \
-         && /opt/musiq/bin/pip install "${ONNXRUNTIME}"; \
-       fi \
-    && /opt/musiq/bin/pip uninstall -y pip \
-    && ! /opt/musiq/bin/python -c "import torch" 2>/dev/null
-# Only the ONNX file of the embedded model is served; the checkpoints and plots are not needed.
-RUN find /opt/musiq/lib/python3.11/site-packages/model/weights \
-        -type f ! -name '*.onnx' ! -name '*.md' -delete
+COPY deploy/build_venv.sh deploy/
+RUN deploy/build_venv.sh /opt/musiq "${ONNXRUNTIME}"
 
 # ---- runtime -----------------------------------------------------------------------------------
 FROM base AS runtime
@@ -63,6 +55,11 @@ RUN groupadd --system --gid "${UID}" musiq \
     && mkdir -p /models \
     && chown musiq:musiq /models
 COPY --from=build /opt/musiq /opt/musiq
+# NVIDIA's wheels (CUDA image only) keep their libraries in site-packages/nvidia/*/lib: registered
+# with the dynamic linker, ONNX Runtime's CUDA provider finds them without LD_LIBRARY_PATH.
+RUN find /opt/musiq/lib/python3*/site-packages/nvidia -maxdepth 2 -name lib -type d 2>/dev/null \
+        > /etc/ld.so.conf.d/musiq-nvidia.conf; \
+    ldconfig
 # Read-only root filesystem: nothing is written beside the code (no bytecode, no home); uploads
 # that spill to disk go to /tmp, which the orchestrator mounts writable (emptyDir / tmpfs).
 ENV PATH=/opt/musiq/bin:${PATH} \

@@ -84,15 +84,29 @@ class ServerProcess:
 
 
 @contextmanager
-def serve_process(env: dict[str, str] | None = None, ready_timeout_s: float = 120) -> Iterator[ServerProcess]:
-    """Starts `musiq serve` with MUSIQ_* `env` on free ports and yields it once /readyz is 200."""
+def serve_process(
+    env: dict[str, str] | None = None,
+    ready_timeout_s: float = 120,
+    musiq: list[str] | None = None,
+    cwd: Path | None = None,
+    base_env: dict[str, str] | None = None,
+) -> Iterator[ServerProcess]:
+    """Starts `musiq serve` with MUSIQ_* `env` on free ports and yields it once /readyz is 200.
+
+    By default the checkout's own CLI runs in the checkout with this process's environment;
+    `musiq` (the command), `cwd` and `base_env` run another installation as a user would.
+    """
     http_port, grpc_port = free_port(), free_port()
     log = tempfile.NamedTemporaryFile(prefix="musiq-serve-", suffix=".log", delete=False)  # noqa: SIM115
-    cmd = [sys.executable, "-m", "cli", "serve", "--host", "127.0.0.1"]
+    cmd = [*(musiq or [sys.executable, "-m", "cli"]), "serve", "--host", "127.0.0.1"]
     cmd += ["--port", str(http_port), "--grpc-port", str(grpc_port)]
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
-        cmd, cwd=root, env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT
+        cmd,
+        cwd=cwd or root,
+        env={**(os.environ if base_env is None else base_env), **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     server = ServerProcess(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", Path(log.name))
     try:
