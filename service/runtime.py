@@ -41,6 +41,18 @@ class Prediction:
     distribution: tuple[float, ...] | None = None
 
 
+def load_cuda_libraries() -> None:
+    """Loads CUDA and cuDNN from NVIDIA's PyPI wheels (`onnxruntime-gpu[cuda,cudnn]`) if present.
+
+    In a plain venv nothing else tells the dynamic linker where those wheels keep their libraries,
+    and the CUDA provider would then fail to load. The container image also registers them with
+    ldconfig; loading libraries that are already found is harmless.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        preload(directory="")  # "": NVIDIA's site-packages folders first, then the default paths
+
+
 def choose_providers(requested: Sequence[str] = ()) -> list[str | tuple[str, dict[str, str]]]:
     available = ort.get_available_providers()
     wanted = list(requested) or (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else [])
@@ -52,6 +64,7 @@ def choose_providers(requested: Sequence[str] = ()) -> list[str | tuple[str, dic
     chosen: list[str | tuple[str, dict[str, str]]] = []
     for name in wanted:
         if name == "CUDAExecutionProvider":
+            load_cuda_libraries()
             chosen.append(
                 (name, {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"})
             )

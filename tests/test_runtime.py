@@ -98,3 +98,22 @@ def test_dropping_padding_rows_keeps_the_score(runtime: ModelRuntime) -> None:
     alone = [runtime.predict([s])[0].score for s in small]
     np.testing.assert_allclose(dropped, full, atol=1e-4)
     np.testing.assert_allclose(alone, full, atol=1e-4)
+
+
+def test_cuda_provider_loads_nvidia_wheel_libraries_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CUDA path's logic, on a CPU: asking for CUDA preloads the libraries of NVIDIA's PyPI
+    wheels (a plain venv has no other way to find them) before the provider is used."""
+    from service import runtime
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        runtime.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(
+        runtime.ort, "preload_dlls", lambda directory=None: calls.append(directory), raising=False
+    )
+    chosen = runtime.choose_providers()
+    assert calls == [""]
+    assert chosen[0][0] == "CUDAExecutionProvider" and chosen[-1] == "CPUExecutionProvider"
+    calls.clear()
+    assert runtime.choose_providers(["CPUExecutionProvider"]) == ["CPUExecutionProvider"] and calls == []
