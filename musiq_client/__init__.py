@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import random
 import time
@@ -304,8 +305,27 @@ class AsyncClient(_Rest):
                 bar.close()
 
 
+# Spread calls over every address the target resolves to (see GrpcClient).
+GRPC_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
 class GrpcClient:
-    """gRPC client (`musiq.v1.Quality`); `score_many` streams through `ScoreStream`."""
+    """gRPC client (`musiq.v1.Quality`); `score_many` streams through `ScoreStream`.
+
+    The channel balances `round_robin` over every address `target` resolves to, one connection
+    each, instead of gRPC's default `pick_first` (one connection to the first address, all calls
+    on it). HTTP/2 multiplexes every call over a long-lived connection, so with `pick_first` a
+    client stays on one replica however many there are. Give it a name that resolves to every
+    replica, e.g. the Helm chart's headless Service
+    `dns:///<fullname>-grpc-headless.<namespace>.svc.cluster.local:50051`, or a list,
+    `ipv4:10.0.0.1:50051,10.0.0.2:50051`. Replicas added later are found when the name is
+    resolved again, which the server's maximum connection age forces every few minutes
+    (`MUSIQ_GRPC_MAX_CONNECTION_AGE_S`). A draining replica answers UNAVAILABLE, which `score`
+    retries as before; round_robin gives each attempt the next replica in turn and skips one
+    whose connection is closed. One `score_many` is one stream, so it stays on one replica;
+    `score` calls (from threads, or several clients) spread. A `host:port` that resolves to one
+    address behaves as before.
+    """
 
     def __init__(
         self,
@@ -320,7 +340,13 @@ class GrpcClient:
         from service.gen import quality_pb2, quality_pb2_grpc
 
         self._grpc, self._pb = grpc, quality_pb2
-        self.channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 * 2**20)])
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_send_message_length", 64 * 2**20),
+                ("grpc.service_config", GRPC_SERVICE_CONFIG),
+            ],
+        )
         self.stub = quality_pb2_grpc.QualityStub(self.channel)
         self.timeout_s = timeout_s
         self.retries = retries

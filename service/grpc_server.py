@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from service.core import ScoreResult, ScoringCore, ScoringError
 from service.gen import quality_pb2, quality_pb2_grpc
 from service.security import ApiKeyInterceptor, ApiKeys, grpc_server_credentials
+from service.settings import ServiceSettings
 
 T = TypeVar("T")
 
@@ -171,12 +172,32 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
             await self._observe("ScoreStream", grpc.StatusCode.OK, start)
 
 
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """gRPC server channel options: message limits, and a maximum connection age with its grace.
+
+    The age makes every client reconnect now and then (GOAWAY), so that one long-lived HTTP/2
+    connection does not pin a client to one replica forever (issue 14; the defaults are argued in
+    service/settings.py). An age of 0 leaves connections unbounded, gRPC's own default."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_body_bytes),
+        ("grpc.max_send_message_length", 16 * 2**20),
+    ]
+    if settings.grpc_max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", max(1, round(settings.grpc_max_connection_age_s * 1000))),
+            (
+                "grpc.max_connection_age_grace_ms",
+                max(0, round(settings.grpc_max_connection_age_grace_s * 1000)),
+            ),
+        ]
+    return options
+
+
 async def start_grpc(core: ScoringCore, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Starts the gRPC server on (host, port) (port 0: any free port); returns it and its port."""
-    limit = core.settings.max_body_bytes
     server = grpc.aio.server(
         interceptors=[ApiKeyInterceptor(ApiKeys.from_settings(core.settings))],
-        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 16 * 2**20)],
+        options=server_options(core.settings),
     )
     quality_pb2_grpc.add_QualityServicer_to_server(QualityServicer(core), server)
     health_servicer = health.aio.HealthServicer()

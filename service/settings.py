@@ -28,6 +28,25 @@ class ServiceSettings(BaseSettings):
     grpc_port: int = Field(50051, description="gRPC port (0: any free port)")
     grpc_enabled: bool = True
     shutdown_grace_s: float = Field(30.0, description="how long running gRPC calls may finish on shutdown")
+    # HTTP/2 keeps one connection per client for as long as it lives, so behind a Kubernetes Service a
+    # client stays on the pod it first reached and replicas added later get none of its calls. A maximum
+    # age makes the server send GOAWAY: the client reconnects (re-resolving DNS, so it finds new pods)
+    # while its running calls finish on the old connection. 5 min (gRPC adds +-10 % jitter) spreads load
+    # within minutes of a scale-up, and one reconnect per client every 5 min costs nothing measurable next
+    # to one inference (~100 ms on CPU). The grace bounds how long calls may still run on a connection
+    # after its GOAWAY; then the connection is cut (the calls fail UNAVAILABLE). A unary call is bounded
+    # by request_timeout_s (30 s), but a ScoreStream (GrpcClient.score_many) lasts as long as its images
+    # take and a connection's age counts from the connection, not the call: a 30 s grace would cut ranking
+    # jobs midway. 10 min lets a stream of ~6,000 images end on a CPU pod (~10 images/s,
+    # bench/results/PERFORMANCE.md), far more on a GPU. A connection carrying only unary calls closes as
+    # soon as they end, whatever the grace (tests/test_grpc_spread.py), so a long grace does not slow
+    # rebalancing.
+    grpc_max_connection_age_s: float = Field(
+        300.0, description="gRPC connections get GOAWAY after this long, so clients re-balance (0: never)"
+    )
+    grpc_max_connection_age_grace_s: float = Field(
+        600.0, description="after that GOAWAY, how long running gRPC calls may finish before it is cut"
+    )
     max_body_bytes: int = Field(32 * 2**20, description="largest accepted request body")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, description="largest accepted image (from its header)")
     request_timeout_s: float = Field(30.0, description="deadline for one image, queue wait included")

@@ -22,16 +22,31 @@ INIT_VALUES = CHART / "ci" / "init-container-values.yaml"
 KUBE_VERSION = "1.30.0"  # the oldest release we support that the bundled schemas cover
 
 
+HEADLESS = "prod-musiq-grpc-headless"  # the gRPC headless Service of release "prod"
+
+
+def render_files(values: dict[str, Any] | None = None) -> dict[str, str]:
+    return helm.Chart.load(CHART).render(values or {}, name="prod", namespace="scoring", is_install=True)
+
+
 def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    out = helm.Chart.load(CHART).render(values or {}, name="prod", namespace="scoring", is_install=True)
+    out = render_files(values)
     docs = [d for name, text in out.items() if name.endswith(".yaml") for d in yaml.safe_load_all(text)]
     return [d for d in docs if d]
 
 
 def by_kind(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """One object per kind; the headless gRPC Service, a second Service, is left out (`headless`)."""
+    docs = [d for d in docs if d["metadata"]["name"] != HEADLESS]
     kinds = {d["kind"]: d for d in docs}
     assert len(kinds) == len(docs), "one object per kind expected"
     return kinds
+
+
+def headless(docs: list[dict[str, Any]]) -> dict[str, Any] | None:
+    found = [d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == HEADLESS]
+    assert len(found) <= 1
+    return found[0] if found else None
 
 
 def validate(doc: dict[str, Any]) -> None:
@@ -104,6 +119,54 @@ def test_default_render() -> None:
     for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance", "app.kubernetes.io/version"):
         assert key in labels
     assert labels["helm.sh/chart"] == "musiq-0.1.0"
+
+
+def test_grpc_headless_service_lists_every_pod() -> None:
+    """Issue 14: a headless Service (DNS answers every ready pod's IP) for round_robin gRPC clients,
+    on the pods' `grpc` port, beside the ClusterIP Service; the server's connection age is set."""
+    docs = render()
+    service = headless(docs)
+    assert service is not None
+    spec = service["spec"]
+    assert spec["clusterIP"] == "None" and spec["type"] == "ClusterIP"
+    assert not spec.get("publishNotReadyAddresses")  # loading or draining pods stay out of DNS
+    assert spec["ports"] == [
+        {
+            "name": "grpc",
+            "port": 50051,
+            "targetPort": "grpc",
+            "protocol": "TCP",
+            "appProtocol": "kubernetes.io/h2c",
+        }
+    ]  # no `http` port: the ServiceMonitor (endpoint port http) does not scrape each pod twice
+    deployment = by_kind(docs)["Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert spec["selector"].items() <= pod_labels.items()
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert {"name": "grpc", "containerPort": 50051, "protocol": "TCP"} in container["ports"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["MUSIQ_GRPC_MAX_CONNECTION_AGE_S"] == "300"
+    assert env["MUSIQ_GRPC_MAX_CONNECTION_AGE_GRACE_S"] == "600"
+    notes = render_files()["musiq/templates/NOTES.txt"]
+    assert f"dns:///{HEADLESS}.scoring.svc.cluster.local:50051" in notes
+
+    assert headless(render({"service": {"grpcHeadless": {"enabled": False}}})) is None
+    # A 63-character fullname still gives a valid, distinct name (a DNS label is <= 63 characters).
+    long = render({"fullnameOverride": "m" * 63})
+    names = [d["metadata"]["name"] for d in long if d["kind"] == "Service"]
+    assert names == ["m" * 63, "m" * 49 + "-grpc-headless"]
+
+
+def test_network_policy_admits_grpc_through_the_headless_service() -> None:
+    """Headless traffic goes straight to pod IPs on the `grpc` container port: the policy, which
+    selects the same pods, must admit that port."""
+    docs = render(load(GPU_VALUES))
+    policy, service = by_kind(docs)["NetworkPolicy"], headless(docs)
+    assert service is not None
+    assert policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
+    (rule,) = policy["spec"]["ingress"]
+    assert {"port": "grpc", "protocol": "TCP"} in rule["ports"]
 
 
 def test_gpu_hpa_servicemonitor_render() -> None:
