@@ -47,12 +47,16 @@ fi
 build() {  # build TAG [BUILD-ARG...]
     local tag=$1 start
     shift
-    start=$(date +%s)
+    if [ -n "${REUSE:-}" ] && podman image exists "$tag"; then
+        say "$tag: reused (REUSE=1)"
+    else
+        start=$(date +%s)
     buildah bud --isolation chroot --network host --format docker --layers=false \
         --build-arg BASE_IMAGE="$BASE" "$@" \
         -v /etc/pip.conf:/etc/pip.conf:ro -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
         -t "$tag" .
-    say "$tag: built in $(($(date +%s) - start)) s"
+        say "$tag: built in $(($(date +%s) - start)) s"
+    fi
     say "$tag: $(podman image inspect "$tag" --format 'size={{.Size}} user={{.Config.User}} entrypoint={{.Config.Entrypoint}} cmd={{.Config.Cmd}}')"
     say "$tag: size $(podman image inspect "$tag" --format '{{.Size}}' | awk '{printf "%.0f MiB", $1 / 2^20}')"
 }
@@ -99,22 +103,33 @@ sys.stdout.buffer.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBB
 cuda_libraries() {  # cuda_libraries TAG: ldd of the CUDA provider inside the image, and the providers
     local tag=$1 ctr out
     ctr=$(buildah from "$tag")
+    # cuDNN and cuFFT are not NEEDED by the provider: it opens them when a session first needs
+    # them, through the same linker cache, so they are listed from it too.
     out=$(buildah run --isolation chroot --user 10001:10001 "$ctr" -- sh -c '
         lib=$(ls /opt/musiq/lib/python3*/site-packages/onnxruntime/capi/libonnxruntime_providers_cuda.so)
         echo "$lib"; ldd "$lib"
+        echo "linker cache:"; ldconfig -p | grep -E "lib(cudnn|cufft|cublas|cudart|curand)[^ ]*\.so\.[0-9]+ " | sed "s/^\s*/  /"
         python -c "import onnxruntime as ort; print(\"onnxruntime\", ort.__version__, ort.get_available_providers())"')
     buildah rm "$ctr" >/dev/null
     echo "$out" | tee -a "$proof"
-    if echo "$out" | grep -q "not found"; then say "$tag: UNRESOLVED libraries"; return 1; fi
+    # libcuda.so.1 is the GPU driver's: the host provides it (the NVIDIA container toolkit mounts it).
+    if echo "$out" | grep "not found" | grep -vq "libcuda.so.1 "; then say "$tag: UNRESOLVED libraries"; return 1; fi
+    echo "$out" | grep -q "libcudnn.so.9 " || { say "$tag: no cuDNN 9 in the linker cache"; return 1; }
     echo "$out" | grep -q CUDAExecutionProvider || { say "$tag: no CUDAExecutionProvider"; return 1; }
-    say "$tag: every NEEDED library of the CUDA provider resolves; CUDAExecutionProvider listed"
+    say "$tag: every NEEDED library of the CUDA provider resolves but the host driver's libcuda.so.1; cuDNN 9 found; CUDAExecutionProvider listed"
 }
 
 for variant in $VARIANTS; do
     case $variant in
-        cpu) build localhost/musiq:cpu && serve_and_score localhost/musiq:cpu ;;
-        cuda) build localhost/musiq:cuda --build-arg ONNXRUNTIME="$CUDA_ORT" \
-                  && cuda_libraries localhost/musiq:cuda && serve_and_score localhost/musiq:cuda ;;
+        cpu)
+            build localhost/musiq:cpu
+            serve_and_score localhost/musiq:cpu || exit 1
+            ;;
+        cuda)
+            build localhost/musiq:cuda --build-arg ONNXRUNTIME="$CUDA_ORT"
+            cuda_libraries localhost/musiq:cuda || exit 1
+            serve_and_score localhost/musiq:cuda || exit 1
+            ;;
         *) echo "unknown variant $variant" >&2; exit 2 ;;
     esac
 done
