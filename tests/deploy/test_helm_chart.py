@@ -19,6 +19,7 @@ from cloudcoil.models.prometheus_operator import v1 as monitoring
 CHART = Path(__file__).resolve().parents[2] / "deploy" / "helm" / "musiq"
 GPU_VALUES = CHART / "ci" / "gpu-hpa-servicemonitor-values.yaml"
 INIT_VALUES = CHART / "ci" / "init-container-values.yaml"
+USER_GPU_VALUES = CHART / "values-gpu.yaml"  # what the README tells GPU users to install with
 KUBE_VERSION = "1.30.0"  # the oldest release we support that the bundled schemas cover
 
 
@@ -61,14 +62,22 @@ def load(path: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-@pytest.mark.parametrize("values_file", [None, GPU_VALUES, INIT_VALUES], ids=["default", "gpu-hpa", "init"])
+@pytest.mark.parametrize(
+    "values_file",
+    [None, GPU_VALUES, INIT_VALUES, USER_GPU_VALUES],
+    ids=["default", "gpu-hpa", "init", "values-gpu"],
+)
 def test_lint_is_clean(values_file: Path | None) -> None:
     report = helm.lint(CHART, load(values_file) if values_file else None, strict=True)
     problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
     assert not problems and not report["errors"], report
 
 
-@pytest.mark.parametrize("values_file", [None, GPU_VALUES, INIT_VALUES], ids=["default", "gpu-hpa", "init"])
+@pytest.mark.parametrize(
+    "values_file",
+    [None, GPU_VALUES, INIT_VALUES, USER_GPU_VALUES],
+    ids=["default", "gpu-hpa", "init", "values-gpu"],
+)
 def test_every_rendered_manifest_validates_strictly(values_file: Path | None) -> None:
     docs = render(load(values_file) if values_file else None)
     assert docs
@@ -207,3 +216,16 @@ def test_init_container_render() -> None:
 def test_bad_values_fail_to_render(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm.HelmRenderError, match=message):
         render(values)
+
+
+def test_gpu_values_run_the_cuda_image_with_real_settings() -> None:
+    from service.settings import ServiceSettings
+
+    pod = by_kind(render(load(USER_GPU_VALUES)))["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["image"] == "registry.example.com/musiq-service:0.1.0-cuda"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MUSIQ_PROVIDERS"] == '["CUDAExecutionProvider","CPUExecutionProvider"]'
+    unknown = [n for n in env if n.startswith("MUSIQ_") and n[6:].lower() not in ServiceSettings.model_fields]
+    assert not unknown, f"settings the service does not have: {unknown}"
