@@ -4,7 +4,7 @@ Usage: python bench/explain_speed.py [--runs 7] [--threads 2]
 
 For a 512x384 and a 1024x768 JPEG of a real photo (scikit-image's astronaut, resized), times
 side by side in one run: the scoring graph (default.onnx), the explanation graph
-(default.rollout.onnx, fp16-stored weights, fp32 compute) and drawing the per-scale heatmaps;
+(default.rollout.onnx, fp32; until 2d43095 its weights were stored in fp16) and drawing the heatmaps;
 prints medians. Decode and packing are the same for both and are left out (`make bench`).
 """
 

@@ -17,6 +17,9 @@ from model.config import PackingConfig
 PREFIX = "musiq."
 SCHEMA_VERSION = 1
 INPUT_NAMES = ("patches", "spatial", "scale", "mask")
+# Set by `export.external` on a file whose weights are external data in a checkpoint: JSON
+# {"location": path relative to the ONNX file's folder, "sha256": that file's sha256 when linked}.
+LINKED_CHECKPOINT = PREFIX + "linked_checkpoint"
 
 
 class MetadataError(ValueError):

@@ -8,6 +8,7 @@ inputs whose token count changes every batch), else CPU with explicit thread cou
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.metadata import ModelMetadata
+from export.metadata import LINKED_CHECKPOINT, ModelMetadata
 from model.packing import PackedImage, collate
 
 logger = logging.getLogger(__name__)
@@ -93,12 +94,29 @@ class ModelRuntime:
             )
         except Exception as exc:  # ORT raises its own types for missing / malformed files
             raise ValueError(f"cannot load model {self.path}: {exc}") from exc
-        self.metadata = ModelMetadata.from_props(self.session.get_modelmeta().custom_metadata_map)
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = ModelMetadata.from_props(props)
+        if LINKED_CHECKPOINT in props:
+            self._check_linked_checkpoint(json.loads(props[LINKED_CHECKPOINT]))
         self.packing = self.metadata.packing
         self.float16 = self.session.get_inputs()[0].type == "tensor(float16)"
         self.outputs = [o.name for o in self.session.get_outputs()]
         if "score" not in self.outputs:
             raise ValueError(f"{self.path}: a scoring model needs a 'score' output, has {self.outputs}")
+
+    def _check_linked_checkpoint(self, link: dict[str, str]) -> None:
+        """A file whose weights are external data in a checkpoint (`export.external`) runs only
+        with that very checkpoint: one rewritten since would silently mix two models. (No file
+        there: the session loaded without it, so this is a self-contained copy, e.g. `onnx.load`
+        then `onnx.save`, which keeps the note.)"""
+        from model.checkpoint import file_sha256
+
+        checkpoint = self.path.parent / link["location"]
+        if checkpoint.is_file() and file_sha256(checkpoint) != link["sha256"]:
+            raise ValueError(
+                f"{self.path} reads its weights from {checkpoint}, which has changed since it was linked: "
+                "re-export and relink it (tools/install_default.sh; python -m export.external)"
+            )
 
     @property
     def name(self) -> str:

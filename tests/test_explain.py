@@ -58,16 +58,17 @@ def post(url: str, path: str, data: bytes, **params: object) -> httpx.Response:
 
 
 def test_embedded_rollout_graph_matches_the_checkpoint_in_pytorch() -> None:
-    """The shipped fp16-weight file: same checkpoint as default.onnx, and rollouts that agree with
-    the PyTorch model's attention rollout (the paper's visualisation) on a real photo."""
+    """The shipped file (fp32, its weights read from default.safetensors as ONNX external data):
+    same checkpoint as default.onnx, and rollouts that agree with the PyTorch model's attention
+    rollout (the paper's visualisation) on a real photo."""
     import torch
 
     from model.checkpoint import EMBEDDED_DEFAULT, file_sha256, load_checkpoint
     from model.network import build_model
 
     explainer = RolloutRuntime(EMBEDDED_ROLLOUT)
-    assert EMBEDDED_ROLLOUT.stat().st_size <= 25 * 2**20
-    assert explainer.metadata.rollout and explainer.metadata.precision == "fp16-weights"
+    assert EMBEDDED_ROLLOUT.stat().st_size <= 2**20  # the weights live in the checkpoint
+    assert explainer.metadata.rollout and explainer.metadata.precision == "fp32"
     assert explainer.metadata.source_sha256 == file_sha256(EMBEDDED_DEFAULT)
     assert ModelRuntime(EMBEDDED_ONNX).metadata.source_sha256 == explainer.metadata.source_sha256
 
@@ -199,8 +200,11 @@ def test_grpc_explain_equals_rest(server: tuple[str, str]) -> None:
 
 def test_a_stale_or_missing_rollout_graph_disables_explanations_only(tmp_path: Path) -> None:
     """A rollout file exported from another checkpoint is never used: scoring works, explain is 404."""
+    from model.checkpoint import EMBEDDED_DEFAULT
+
     model = tmp_path / "m.onnx"
     shutil.copy(EMBEDDED_ONNX, model)
+    shutil.copy(EMBEDDED_DEFAULT, tmp_path)  # its weights: external data in the checkpoint beside it
     stale = onnx.load(EMBEDDED_ROLLOUT)
     for prop in stale.metadata_props:
         if prop.key == "musiq.source_sha256":
