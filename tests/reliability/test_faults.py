@@ -194,7 +194,21 @@ def test_sigterm_under_load_finishes_accepted_work_refuses_new_and_exits_in_grac
                     if ln.startswith(("musiq_queue_depth{", "musiq_in_flight{"))
                 )
 
-            assert _wait_for(lambda: accepted() >= 8, 20), "the load never queued up"
+            def scored() -> float:
+                text = httpx.get(f"{srv.url}/metrics", timeout=5).text
+                return sum(
+                    float(ln.split()[-1])
+                    for ln in text.splitlines()
+                    if ln.startswith("musiq_requests_total{")
+                    and ('route="/v1/score"' in ln or 'route="Score"' in ln)
+                    and ('code="200"' in ln or 'code="OK"' in ln)
+                )
+
+            # Every one of the 16 has been accepted (waiting, running or done; the warm-up call
+            # counts too) and at least 8 wait: only accepted work is owed a score after SIGTERM.
+            assert _wait_for(lambda: accepted() >= 8 and accepted() + scored() >= 17, 20), (
+                "the load never queued up"
+            )
             srv.sigterm()
             signalled = time.monotonic()
             time.sleep(0.2)
