@@ -6,8 +6,17 @@ STAMP  := $(VENV)/.installed
 # TensorFlow lives in a venv of its own (no torch beside it), used only to check parity.
 PARITY_VENV ?= .venv-parity
 PARITY_STAMP := $(PARITY_VENV)/.installed
+# The serving set and the client are also tested under each further Python found here, in a venv of
+# its own per version ($(VENV)-py3.12, ...: the base set + the `test-serve` extra, no torch), on these
+# tests (those in them that need torch or dev tools are skipped there: tests/conftest.py).
+EXTRA_PYTHONS ?= 3.12 3.13
+SERVE_TESTS := tests/test_rest.py tests/test_grpc.py tests/test_grpc_spread.py tests/test_client.py \
+	tests/test_explain.py tests/test_external.py \
+	tests/test_batcher.py tests/test_serve_command.py tests/test_heap.py \
+	tests/test_decode.py tests/test_resize.py tests/test_packing.py \
+	tests/reliability/test_security.py tests/reliability/test_faults.py tests/reliability/test_hostile.py
 
-.PHONY: install install-parity run test test-fast parity lint format protos bench bench-compare default-model brisque-compare clean
+.PHONY: install install-parity run test test-fast test-pythons system-deps image-proof parity lint format protos bench bench-compare default-model brisque-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +32,13 @@ $(PARITY_STAMP): pyproject.toml
 	$(PARITY_VENV)/bin/pip install --quiet -e '.[parity]'
 	touch $(PARITY_STAMP)
 
+# tools/find_pythons.sh finds an interpreter of that version that really runs (not a pyenv shim).
+# --without-pip + .venv's pip: Debian's python3.X lacks ensurepip unless python3.X-venv is installed.
+$(VENV)-py%/.installed: pyproject.toml | $(STAMP)
+	test -x $(@D)/bin/python || { py=$$(bash tools/find_pythons.sh --path $*) && $$py -m venv --without-pip $(@D); }
+	$(BIN)/pip --python $(@D)/bin/python install --quiet '.[test-serve]'
+	touch $@
+
 install: $(STAMP)
 
 # The quickstart: installs if needed, then serves the embedded model (REST :8000, gRPC :50051).
@@ -35,8 +51,31 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint parity
+# Debian's prometheus (promtool) and chromium (tests/test_web.py), installed when missing and allowed.
+system-deps:
+	bash tools/system_deps.sh
+
+test: system-deps lint parity
 	$(BIN)/python -m pytest
+	$(MAKE) --no-print-directory test-pythons
+
+# SERVE_TESTS under every Python of EXTRA_PYTHONS that runs here (found only when asked for); none: nothing to do.
+ifneq ($(filter test-pythons,$(MAKECMDGOALS)),)
+FOUND_PYTHONS := $(shell bash tools/find_pythons.sh $(EXTRA_PYTHONS) | cut -d' ' -f1)
+endif
+test-pythons: $(STAMP) $(foreach v,$(FOUND_PYTHONS),$(VENV)-py$(v)/.installed)
+	@[ -n "$(FOUND_PYTHONS)" ] || echo "test-pythons: none of Python $(EXTRA_PYTHONS) runs here: only 3.11 was tested"
+	@status=0; \
+	for v in $(FOUND_PYTHONS); do \
+		echo "== Python $$v ($(VENV)-py$$v, $$($(VENV)-py$$v/bin/python -V)): the serving set's tests"; \
+		$(VENV)-py$$v/bin/python -m pytest -q $(SERVE_TESTS) || status=1; \
+	done; \
+	exit $$status
+
+# Builds the CPU and CUDA images with buildah (as root; installs buildah, podman, runc, debootstrap
+# when missing) and proves each runs: deploy/container_proof.sh. Minutes of downloads, several GB.
+image-proof:
+	deploy/container_proof.sh
 
 # The packing against TensorFlow's own resize / patch / decode ops.
 parity: $(PARITY_STAMP)
@@ -80,4 +119,4 @@ brisque-compare: $(STAMP) $(BRISQUE_VENV)/.installed
 	$(BRISQUE_VENV)/bin/python bench/brisque_compare.py runs/eval_default/predictions.csv
 
 clean:
-	rm -rf $(VENV) $(PARITY_VENV) $(BRISQUE_VENV) .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) $(VENV)-py3.* $(PARITY_VENV) $(BRISQUE_VENV) .pytest_cache .hypothesis .ruff_cache
