@@ -90,7 +90,10 @@ sys.stdout.buffer.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBB
     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))' >"$WORK/test.png"
     say "$tag: POST /v1/score -> $(curl -sf --data-binary @"$WORK/test.png" -H 'Content-Type: image/png' "127.0.0.1:$port/v1/score")"
     curl -sf "127.0.0.1:$port/metrics" | grep -E '^musiq_(model_info|requests_total)' | tee -a "$proof"
-    # The image's HEALTHCHECK command, run inside the container; then what the runtime image lacks.
+    # gRPC health with the image's own grpcio, the HEALTHCHECK command, then what the runtime lacks.
+    run python -c "import grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as hg
+print('gRPC health:', h.HealthCheckResponse.ServingStatus.Name(hg.HealthStub(grpc.insecure_channel('127.0.0.1:$gport')).Check(h.HealthCheckRequest(), timeout=10).status))" \
+        | tee -a "$proof"
     run sh -c 'id; python -c "import os, urllib.request; urllib.request.urlopen(\"http://127.0.0.1:%s/healthz\" % os.environ[\"MUSIQ_HTTP_PORT\"], timeout=2)" && echo "HEALTHCHECK command: ok"
         python -c "import torch" 2>/dev/null && echo "torch present" || echo "no torch"
         command -v gcc cc pip || echo "no gcc, cc, pip"
