@@ -40,7 +40,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from export.metadata import LINKED_CHECKPOINT as LINK_PROP  # {"location", "sha256"} of the checkpoint
-from model.checkpoint import file_sha256
+from model.checkpoint import CheckpointError, file_sha256, read_header
 
 MIN_BYTES = 512  # smaller initializers stay inline (a reference costs about 100 bytes)
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "I64": np.int64}
@@ -65,18 +65,11 @@ def read_safetensors_index(path: str | os.PathLike[str]) -> tuple[dict[str, Stor
     """The tensors of a safetensors file (absolute byte ranges) and its header metadata."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if not 0 < size < 100_000_000:
-                raise LinkError(f"{path} is not a safetensors file")
-            header = json.loads(f.read(size))
+        header, start = read_header(path)
         file_size = path.stat().st_size
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, LinkError):
-            raise
+    except (CheckpointError, OSError) as exc:
         raise LinkError(f"cannot read {path} as safetensors: {exc}") from exc
     meta = header.pop("__metadata__", None) or {}
-    start = 8 + size
     index: dict[str, StoredTensor] = {}
     for name, entry in header.items():
         dtype = _DTYPES.get(entry["dtype"])

@@ -138,8 +138,9 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Pat
     return path
 
 
-def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
-    """The header metadata of a safetensors file, without reading the tensors."""
+def read_header(path: str | os.PathLike[str]) -> tuple[dict, int]:
+    """A safetensors file's JSON header, and where its data section starts (the tensors' offsets
+    count from there), without reading the tensors."""
     path = Path(path)
     try:
         with path.open("rb") as f:
@@ -153,6 +154,12 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         if isinstance(exc, CheckpointError):
             raise
         raise CheckpointError(f"{path} is not a safetensors file ({exc})") from exc
+    return header, 8 + size
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The header metadata of a project checkpoint, without reading the tensors."""
+    header, _ = read_header(path)
     meta = header.get("__metadata__") or {}
     if meta.get("format") != FORMAT:
         raise CheckpointError(
