@@ -24,11 +24,18 @@ _M_TRIM_THRESHOLD = -1  # glibc malloc.h
 _M_MMAP_THRESHOLD = -3
 # glibc's own environment variables; a deployment that sets either keeps its choice.
 _ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+# mallopt(int, int): the value is a C int, so 2 GiB and more cannot be said at all (4096 MiB
+# would wrap to 0, which trims on every free: the opposite of the setting).
+MAX_KEEP_MB = (2**31 - 1) >> 20  # 2047
 
 
 def keep_freed_memory(megabytes: int) -> bool:
     """Lets the heap keep up to `megabytes` of freed memory and serve allocations up to a quarter
     of it without mmap. Returns whether it was applied (glibc only; 0 or an env override: no)."""
+    if megabytes > MAX_KEEP_MB:
+        raise ValueError(
+            f"heap_keep_mb {megabytes} is above glibc's limit of {MAX_KEEP_MB} (a C int of bytes)"
+        )
     if megabytes <= 0 or any(name in os.environ for name in _ENV):
         return False
     path = ctypes.util.find_library("c")
@@ -37,6 +44,7 @@ def keep_freed_memory(megabytes: int) -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
         return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     keep = megabytes << 20
     # Mmap threshold at most 32 MiB on 64-bit glibc (HEAP_MAX_SIZE / 2); larger requests are rare.
     applied = (

@@ -68,6 +68,8 @@ class ServiceSettings(BaseSettings):
     )
     heap_keep_mb: int = Field(
         256,
+        ge=0,
+        le=2047,  # service.heap.MAX_KEEP_MB: glibc's mallopt takes a C int of bytes
         description="freed memory kept for the next request's arrays (0: glibc defaults; service/heap.py)",
     )
     pad_multiple: int = 1
