@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +30,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--min-int8-srcc", type=float, default=0.995, help="refuse int8 below this SRCC against fp32"
     )
     e.add_argument("--photos", type=int, help="use only the first N of the 56 check photos (faster)")
+    e.add_argument(
+        "--tolerance",
+        type=_positive_float,
+        metavar="ABS",
+        help="largest fp32 ONNX-vs-PyTorch output difference accepted, absolute (default: "
+        "max(1e-4, 2e-5 x the largest |score| in the checks); the bound used is printed and recorded)",
+    )
     e.set_defaults(handler=cmd_export)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -45,6 +63,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         rollout_weights=args.rollout_weights,
         min_int8_srcc=args.min_int8_srcc,
         photos=distorted_photos(limit=args.photos),
+        tolerance=args.tolerance,
     )
     print(
         json.dumps(

@@ -14,7 +14,7 @@ from export import exporter
 from export.exporter import ExportRefused, export_checkpoint, session
 from export.metadata import MetadataError, ModelMetadata
 from export.verify import SHAPES, check_shapes, ort_outputs, random_batch, spearman, torch_outputs
-from model.checkpoint import file_sha256, save_checkpoint
+from model.checkpoint import file_sha256, load_checkpoint, save_checkpoint
 from model.config import MusiqConfig
 from model.network import build_model, to_checkpoint
 from tests.helpers import musiq
@@ -209,18 +209,87 @@ def test_int8_below_the_srcc_floor_is_refused(checkpoints: dict[str, Path], tmp_
 def test_fp32_parity_failure_is_refused(
     checkpoints: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(exporter, "FP32_TOLERANCE", 1e-12)
+    monkeypatch.setattr(exporter, "FP32_ABS_FLOOR", 1e-12)
+    monkeypatch.setattr(exporter, "FP32_RELATIVE", 1e-14)
     out = tmp_path / "m.onnx"
     with pytest.raises(ExportRefused, match="differs from PyTorch"):
         export_checkpoint(checkpoints["score"], out, photos=photos(2), shapes=FEW_SHAPES, log=lambda s: None)
     assert not out.exists()
+    with pytest.raises(ValueError, match="positive"):
+        export_checkpoint(checkpoints["score"], out, tolerance=0.0, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def large_scores(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A faithful checkpoint whose scores run from about 15 to 300 (head 80x its usual gain, bias 200).
+
+    float32 rounding grows with the score: ONNX Runtime and PyTorch differ by about 3e-4 on it (1e-6
+    relative), as an official-size checkpoint scoring 74..180 differs by 6.9e-4. A bound of 1e-4
+    absolute refused both.
+    """
+    model = randomised(TINY, seed=4)
+    with torch.no_grad():
+        model.head.weight.mul_(80)
+        model.head.bias.fill_(200.0)
+    path = tmp_path_factory.mktemp("large") / "large.safetensors"
+    return save_checkpoint(to_checkpoint(model, name="large", score_range=(0.0, 400.0)), path)
+
+
+LARGE_SHAPES = ((1, 1, "none"), (8, 1, "none"), (4, 300, "heavy"))
+
+
+def test_fp32_bound_scales_with_the_scores(large_scores: Path, tmp_path: Path) -> None:
+    logs: list[str] = []
+    out = tmp_path / "large.onnx"
+    result = export_checkpoint(large_scores, out, photos=photos(2), shapes=LARGE_SHAPES, log=logs.append)
+    worst = max(c.max_abs_diff for c in result.shape_checks)
+    largest = max(c.max_abs_value for c in result.shape_checks)
+    parity = result.metadata.parity
+    assert largest > 100 and worst > 1e-4  # what the old absolute bound refused
+    assert worst < parity["fp32_tolerance"] < 1e-2
+    assert parity["fp32_tolerance"] == pytest.approx(exporter.FP32_RELATIVE * largest, rel=1e-3)
+    assert parity["fp32_tolerance_rule"].startswith("relative")
+    assert any("fp32 bound" in line and "relative" in line for line in logs)
+    stored = ModelMetadata.from_props(session(out).get_modelmeta().custom_metadata_map)
+    assert stored.parity["fp32_tolerance"] == parity["fp32_tolerance"]
+
+
+def test_explicit_tolerance_is_used_and_recorded(large_scores: Path, tmp_path: Path) -> None:
+    out = tmp_path / "strict.onnx"
+    with pytest.raises(ExportRefused, match=r"differs from PyTorch by .* > 1e-06 \(--tolerance\)"):
+        export_checkpoint(
+            large_scores, out, photos=photos(2), shapes=LARGE_SHAPES, tolerance=1e-6, log=lambda s: None
+        )
+    assert not out.exists()
+    result = export_checkpoint(
+        large_scores, out, photos=photos(2), shapes=LARGE_SHAPES, tolerance=0.5, log=lambda s: None
+    )
+    assert result.metadata.parity["fp32_tolerance"] == 0.5
+    assert result.metadata.parity["fp32_tolerance_rule"] == "--tolerance"
 
 
 def test_check_catches_a_wrong_graph(checkpoints: dict[str, Path], exported: exporter.ExportResult) -> None:
-    """The parity check can fail: a model with other weights is caught."""
+    """The parity check can fail: a model with other weights is caught, by far, under the bound
+    the exporter would apply."""
     other = randomised(TINY, seed=99)
     checks = check_shapes(session(exported.path), other, FEW_SHAPES)
-    assert max(c.max_abs_diff for c in checks) > 1e-2
+    bound, _ = exporter.fp32_bound(checks)
+    assert max(c.max_abs_diff for c in checks) > max(1e-2, 10 * bound)
+
+
+def test_relative_bound_still_catches_slightly_wrong_weights(large_scores: Path, tmp_path: Path) -> None:
+    """Scores of hundreds loosen the bound to a few 1e-3; one MLP weight matrix off by 1% still moves
+    them far more."""
+    result = export_checkpoint(
+        large_scores, tmp_path / "l.onnx", photos=photos(2), shapes=LARGE_SHAPES, log=lambda s: None
+    )
+    wrong = build_model(load_checkpoint(large_scores))
+    with torch.no_grad():
+        fc2 = wrong.blocks[1].mlp.fc2.weight
+        fc2.add_(0.01 * fc2.std() * torch.randn(fc2.shape, generator=torch.Generator().manual_seed(0)))
+    checks = check_shapes(session(result.path), wrong, LARGE_SHAPES)
+    bound, _ = exporter.fp32_bound(checks)
+    assert max(c.max_abs_diff for c in checks) > 5 * bound
 
 
 def test_spearman() -> None:
@@ -232,11 +301,18 @@ def test_spearman() -> None:
 
 def test_cli_export(checkpoints: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "cli.onnx"
-    result = musiq("export", "--checkpoint", checkpoints["score"], "-o", out, "--photos", "2")
+    result = musiq(
+        "export", "--checkpoint", checkpoints["score"], "-o", out, "--photos", "2", "--tolerance", "2e-4"
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["path"] == str(out) and summary["fused"]["Attention"] == 2
     assert "fp32 vs PyTorch" in result.stderr and out.exists()
+    assert "fp32 bound 0.0002 (--tolerance)" in result.stderr
+    assert summary["parity"]["fp32_tolerance"] == 2e-4
+    for value in ("0", "-1", "nan", "x"):
+        refused = musiq("export", "--checkpoint", checkpoints["score"], "-o", out, "--tolerance", value)
+        assert refused.returncode == 2 and "--tolerance" in refused.stderr, refused.stderr
     bad = musiq(
         "export", "--checkpoint", tmp_path / "none.safetensors", "-o", tmp_path / "x.onnx", timeout=120
     )
