@@ -79,7 +79,7 @@ image-proof:
 
 # The packing against TensorFlow's own resize / patch / decode ops.
 parity: $(PARITY_STAMP)
-	TF_CPP_MIN_LOG_LEVEL=3 $(PARITY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_tensorflow_parity.py
+	TF_CPP_MIN_LOG_LEVEL=3 MUSIQ_REQUIRE_TENSORFLOW=1 $(PARITY_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_tensorflow_parity.py
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -x -q

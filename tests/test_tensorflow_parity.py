@@ -3,12 +3,15 @@
 The packing is pure numpy; these tests run the same image through TensorFlow primitives
 (`tf.image.resize(method="gaussian")`, `tf.image.extract_patches(padding="SAME")`, the v1
 nearest-neighbour resize that hashes positions, `tf.io.decode_jpeg`) composed as MUSIQ_SPEC
-section 1 describes, and compare. Needs the `parity` extra (tensorflow-cpu); skipped without it.
+section 1 describes, and compare. Needs the `parity` extra (tensorflow-cpu): skipped without it
+(the main venv has no TensorFlow), except where MUSIQ_REQUIRE_TENSORFLOW=1 says TensorFlow must be
+there (`make parity`): then a TensorFlow that does not import fails the run instead of skipping it.
 """
 
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -19,7 +22,19 @@ from model.decode import decode_image
 from model.packing import normalise, pack
 from model.resize import resize_gaussian
 
-tf = pytest.importorskip("tensorflow", reason="TensorFlow lives in the parity venv: `make parity`")
+REQUIRE_ENV = "MUSIQ_REQUIRE_TENSORFLOW"
+
+if os.environ.get(REQUIRE_ENV) == "1":  # `make parity` must never pass by skipping everything
+    try:
+        import tensorflow as tf
+    except ImportError as exc:
+        missing = repr(exc)
+    else:
+        missing = ""
+    if missing:
+        pytest.fail(f"{REQUIRE_ENV}=1 but TensorFlow does not import: {missing}", pytrace=False)
+else:
+    tf = pytest.importorskip("tensorflow", reason="TensorFlow lives in the parity venv: `make parity`")
 
 
 def tf_resize(x: np.ndarray, h: int, w: int) -> np.ndarray:
