@@ -16,7 +16,7 @@ SERVE_TESTS := tests/test_rest.py tests/test_grpc.py tests/test_grpc_spread.py t
 	tests/test_decode.py tests/test_resize.py tests/test_packing.py \
 	tests/reliability/test_security.py tests/reliability/test_faults.py tests/reliability/test_hostile.py
 
-.PHONY: install install-parity run test test-fast test-pythons system-deps image-proof parity lint format protos bench bench-compare default-model brisque-compare clean
+.PHONY: install install-parity run test test-fast test-pythons system-deps typecheck image-proof parity lint format protos bench bench-compare default-model brisque-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -51,11 +51,15 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# mypy over the project's packages ([tool.mypy] in pyproject.toml).
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
 # Debian's prometheus (promtool) and chromium (tests/test_web.py), installed when missing and allowed.
 system-deps:
 	bash tools/system_deps.sh
 
-test: system-deps lint parity
+test: system-deps lint typecheck parity
 	$(BIN)/python -m pytest
 	$(MAKE) --no-print-directory test-pythons
 

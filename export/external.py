@@ -34,6 +34,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -107,7 +108,7 @@ class Derivation:
         nodes: list[onnx.NodeProto] = []
         constants: list[TensorProto] = []
 
-        def step(op: str, args: list[str], **attrs: object) -> str:
+        def step(op: str, args: list[str], **attrs: Any) -> str:
             out = f"{target.name}::{op.lower()}{len(nodes) + 1}"
             nodes.append(helper.make_node(op, args, [out], **attrs))
             return out
@@ -230,17 +231,17 @@ def link_to_checkpoint(
         digests[i] = _digest(data)
 
     found: dict[int, Derivation] = {}
-    for derivation in candidate_derivations(index, meta):
-        dtype = helper.np_dtype_to_tensor_dtype(index[derivation.sources[0]].dtype)
-        if len({index[s].dtype for s in derivation.sources}) != 1:
+    for candidate in candidate_derivations(index, meta):
+        dtype = helper.np_dtype_to_tensor_dtype(index[candidate.sources[0]].dtype)
+        if len({index[s].dtype for s in candidate.sources}) != 1:
             continue
-        positions = [p for p in wanted.get((dtype, derivation.nbytes(index)), []) if p not in found]
+        positions = [p for p in wanted.get((dtype, candidate.nbytes(index)), []) if p not in found]
         if not positions:
             continue
-        digest = _digest(derivation.evaluate(values).data)
+        digest = _digest(candidate.evaluate(values).data)
         for p in positions:
             if digests[p] == digest:
-                found[p] = derivation
+                found[p] = candidate
 
     def external(name: str, stored: StoredTensor, dims: Sequence[int]) -> TensorProto:
         t = TensorProto()

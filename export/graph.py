@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -173,9 +174,11 @@ class ScoringGraph(nn.Module):
         model = copy.deepcopy(model).eval().fold_weight_standardization()
         if fused_attention:
             for block in model.blocks:
-                block.attention = FusedAttention(block.attention)
+                block.attention = FusedAttention(cast(Attention, block.attention))
         if export_encoder and model.patch_encoder.root is not None:
-            model.patch_encoder = ExportPatchEncoder(model.patch_encoder)
+            # The same computation in another module type (not a PatchEncoder subclass): the
+            # attribute's declared type is the network's own encoder.
+            model.patch_encoder = ExportPatchEncoder(model.patch_encoder)  # type: ignore[assignment]
         self.model = model
         self.head = model.config.head
 

@@ -95,7 +95,7 @@ class ModelMetadata:
             )
         strings = {"name", "version", "head", "precision", "source_sha256", "patch_encoder"}
         try:
-            values = {
+            values: dict[str, Any] = {
                 k: v if k in strings else json.loads(v) for k, v in ours.items() if k != "schema_version"
             }
             values["longer_sides"] = tuple(values["longer_sides"])

@@ -285,6 +285,7 @@ def _sniff_format(fp: IO[bytes]) -> str | None:
 def _open(fp: IO[bytes], max_pixels: int | None) -> Image.Image:
     """Parse the header (Image.open is lazy) and enforce the pixel limit before any decoding."""
     formats = _accepted_formats()
+    img: Image.Image | None
     try:
         img = Image.open(fp, formats=formats)
     except Image.DecompressionBombError as exc:

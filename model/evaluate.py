@@ -92,7 +92,7 @@ def _linear_fit(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:
     return np.array([float(slope), float(intercept)])
 
 
-def logistic4_fit(pred: Any, mos: Any, *, p0: Sequence[float] | None = None) -> np.ndarray:
+def logistic4_fit(pred: Any, mos: Any, *, p0: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
     """Fits the VQEG 4-parameter logistic mapping predictions to MOS; returns [b1, b2, b3, b4].
 
     Initial values: b1 = max(mos), b2 = min(mos) (swapped when the predictions correlate

@@ -13,7 +13,7 @@ uses the tanh approximation of GELU; padded keys get a -1e10 bias; the patch is 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -318,7 +318,7 @@ class Musiq(nn.Module):
         multiplied through the layers; the CLS row of the product, without CLS itself. Padded
         tokens get zero (they are masked as keys everywhere).
         """
-        attentions = [block.attention for block in self.blocks]
+        attentions = [cast(Attention, block.attention) for block in self.blocks]
         records: list[torch.Tensor] = []
         for a in attentions:
             a.record = records

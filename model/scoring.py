@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import closing
 from pathlib import Path
@@ -96,7 +96,7 @@ def _pack_chunk(images: list[ImageInput], packing: PackingConfig) -> list[Packed
 
 def _packed_batches(
     images: Sequence[ImageInput], batches: list[list[int]], packing: PackingConfig, workers: int
-) -> Iterator[tuple[list[int], list[PackedImage]]]:
+) -> Generator[tuple[list[int], list[PackedImage]], None, None]:
     """Yields (input indices, packed images) per batch, in `batches` order.
 
     With workers, at most PREFETCH_PER_WORKER * workers batches are decoded ahead. The pool uses

@@ -149,7 +149,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _datasets(cfg: TrainConfig, packing) -> tuple[Any, list]:  # type: ignore[no-untyped-def]
+def _datasets(cfg: TrainConfig, packing) -> tuple[Any, Any]:  # type: ignore[no-untyped-def]
     """(training dataset, validation samples)."""
     if cfg.synthetic:
         from model.distortions import default_roots, pristine_photos
@@ -165,8 +165,11 @@ def _datasets(cfg: TrainConfig, packing) -> tuple[Any, list]:  # type: ignore[no
         return SyntheticDistortions(train_photos, packing, length=cfg.items_per_epoch, seed=cfg.seed), val
     if not cfg.csv:
         raise ValueError("set [data] csv = ... or synthetic = true")
-    train, val = split_samples(read_labels(cfg.csv), cfg.val_fraction, cfg.split_seed)
-    return LabelledImages(train, packing, flip=True, seed=cfg.seed), LabelledImages(val, packing, flip=False)
+    train_samples, val_samples = split_samples(read_labels(cfg.csv), cfg.val_fraction, cfg.split_seed)
+    return (
+        LabelledImages(train_samples, packing, flip=True, seed=cfg.seed),
+        LabelledImages(val_samples, packing, flip=False),
+    )
 
 
 def _loader(dataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:  # type: ignore[no-untyped-def]
