@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import importlib.metadata
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -20,10 +22,11 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from service.core import ExplainResult, RuntimeFactory, ScoreResult, ScoringCore, ScoringError
 from service.metrics import ServiceMetrics
@@ -76,14 +79,29 @@ class ExplainResponse(ScoreResponse):
 
 
 class BatchItem(BaseModel):
+    model_config = ConfigDict(strict=True)  # as the schema says: no "5" or false for a number
+
     id: str = Field(description="the client's id, echoed in the result", examples=["img-001"])
-    image: str = Field(description="the image file, base64-encoded")
+    image: str = Field(
+        description="the image file, base64-encoded",
+        json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/*"},
+    )
 
 
 class BatchRequest(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     items: list[BatchItem]
     model: str | None = None
-    max_native_tokens: int | None = Field(None, ge=0)
+    max_native_tokens: int | None = Field(None, ge=0, strict=False)
+
+    @field_validator("max_native_tokens", mode="before")
+    @classmethod
+    def json_integer(cls, value: Any) -> Any:
+        """A JSON integer, 5.0 included (JSON Schema says so); not "5" nor false."""
+        if isinstance(value, bool | str):
+            raise ValueError("must be an integer")
+        return value
 
 
 class ItemError(BaseModel):
@@ -103,6 +121,98 @@ class BatchResult(BaseModel):
 
 class BatchResponse(BaseModel):
     results: list[BatchResult] = Field(description="one per item, in request order")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable and machine-readable", examples=["unsupported_media_type"])
+    message: str = Field(description="what went wrong, for a person")
+
+
+class ErrorResponse(BaseModel):
+    """The one shape of every error answer (`error()` below)."""
+
+    error: ErrorDetail
+
+
+class ReadyResponse(BaseModel):
+    status: str = Field(examples=["ready"])
+    models: list[str] = Field(examples=[["musiq-clive-small"]])
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("musiq-service")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
+RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+STATUS_TEXT = {
+    400: "a bad request (parameter out of range, empty body, truncated or corrupt image, bad multipart)",
+    401: "no valid API key (only where MUSIQ_API_KEYS / MUSIQ_API_KEYS_FILE configure keys)",
+    404: "unknown model",
+    408: "the body did not arrive within MUSIQ_BODY_TIMEOUT_S",
+    413: "body, image or token count too large",
+    415: "a Content-Type not accepted, or bytes in no recognised image format",
+    429: "overloaded or queue full; see Retry-After",
+    503: "not ready, shutting down, or the model failed; see Retry-After",
+    504: "the deadline passed before the score",
+}
+
+
+def error_responses(*statuses: int, texts: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each with the error schema; `texts` replace
+    the default descriptions."""
+    return {
+        status: {
+            "model": ErrorResponse,
+            "description": (texts or {}).get(status, STATUS_TEXT[status]),
+            **({"headers": RETRY_AFTER} if status in (429, 503) else {}),
+        }
+        for status in statuses
+    }
+
+
+BINARY = {"type": "string", "format": "binary"}
+# The routes read the body themselves (bounded, see `read_body`), so FastAPI cannot infer it:
+# declared here, so that /docs can send an image and a generated client can call the API.
+IMAGE_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the image file as the raw body, or as multipart field `image`",
+        "content": {
+            "image/*": {"schema": BINARY},
+            "application/octet-stream": {"schema": BINARY},
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": ["image"], "properties": {"image": BINARY}},
+                "encoding": {"image": {"contentType": "image/*"}},
+            },
+        },
+    }
+}
+
+
+def batch_body(max_items: int) -> dict[str, Any]:
+    files = {"type": "array", "items": BINARY, "minItems": 1, "maxItems": max_items}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["images"],
+                        "properties": {"images": files},
+                        "description": "one image file per part, under any field name; its file name is "
+                        "the id (a part without a file name is a form field, not an image)",
+                    },
+                },
+            },
+        }
+    }
 
 
 def error(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
@@ -294,6 +404,11 @@ def create_app(
         grpc_server = None
         if settings.grpc_enabled:
             grpc_server, app.state.grpc_port = await start_grpc(core, settings.host, settings.grpc_port)
+            # Beside uvicorn's "Uvicorn running on ..." line, in its format: with --grpc-port 0 this
+            # is how a user (and tests/reliability/serve.py) learns the port.
+            logging.getLogger("uvicorn.error").info(
+                "gRPC server running on %s:%d", settings.host, app.state.grpc_port
+            )
         yield
         if grpc_server is not None:
             await stop_grpc(grpc_server, settings.shutdown_grace_s)
@@ -301,7 +416,7 @@ def create_app(
 
     app = FastAPI(
         title="MUSIQ image quality",
-        version="0.1.0",
+        version=package_version(),
         description="Multi-scale image quality transformer (Ke et al., ICCV 2021), scored at native resolution.",
         lifespan=lifespan,
         dependencies=[Depends(rest_api_key_dependency(api_keys))],
@@ -321,25 +436,29 @@ def create_app(
         where = ".".join(str(p) for p in first.get("loc", ()))
         return error(400, "bad_request", f"{where}: {first.get('msg', 'invalid request')}")
 
+    cap = settings.max_native_tokens if settings.max_native_tokens >= 0 else None
+    # Defaults, not Annotated: `cap` is known only here, and these annotations are never evaluated.
+    native_tokens = Query(
+        None,
+        ge=0,
+        le=cap,
+        description="cap on native-resolution tokens (a model's own cap may be lower: 400)",
+    )
+    model_name = Query(None, description="model name (default: the server's default)")
+    # What scoring one image can answer besides 200 (core, body reading, media types, API keys).
+    scoring_errors = (400, 401, 404, 408, 413, 415, 429, 503, 504)
+
     @app.post(
         "/v1/score",
         response_model=ScoreResponse,
         summary="Score one image",
         description="Send the image as the raw body (Content-Type image/* or application/octet-stream) "
         "or as multipart field `image`.",
-        responses={
-            400: {"description": "undecodable or truncated image"},
-            404: {"description": "unknown model"},
-            413: {"description": "body or image too large"},
-            415: {"description": "unsupported media type"},
-            429: {"description": "queue full; see Retry-After"},
-            504: {"description": "deadline passed"},
-        },
+        responses=error_responses(*scoring_errors),
+        openapi_extra=IMAGE_BODY,
     )
     async def score(
-        request: Request,
-        model: Annotated[str | None, Query(description="model name (default: the server's default)")] = None,
-        max_native_tokens: Annotated[int | None, Query(ge=0, description="cap on native tokens")] = None,
+        request: Request, model: str | None = model_name, max_native_tokens: int | None = native_tokens
     ) -> ScoreResponse:
         data = await image_bytes(request, settings.max_body_bytes)
         work = core.score(data, model=model, max_native_tokens=max_native_tokens)
@@ -352,16 +471,17 @@ def create_app(
         description="Same body forms as /v1/score. Adds, for each scale, the CLS attention rollout on "
         "that scale's patch grid and a PNG heatmap of it over the image. Needs the model's explanation "
         "graph (NAME.rollout.onnx beside NAME.onnx); bounded apart from scoring (MUSIQ_EXPLAIN_*).",
-        responses={
-            404: {"description": "unknown model, or the model has no explanation graph"},
-            413: {"description": "body, image or token count too large"},
-            429: {"description": "too many explanations waiting; see Retry-After"},
-        },
+        responses=error_responses(
+            *scoring_errors,
+            texts={
+                404: "unknown model, or the model has no explanation graph",
+                429: "overloaded, or too many explanations waiting; see Retry-After",
+            },
+        ),
+        openapi_extra=IMAGE_BODY,
     )
     async def explain(
-        request: Request,
-        model: Annotated[str | None, Query(description="model name (default: the server's default)")] = None,
-        max_native_tokens: Annotated[int | None, Query(ge=0, description="cap on native tokens")] = None,
+        request: Request, model: str | None = model_name, max_native_tokens: int | None = native_tokens
     ) -> ExplainResponse:
         data = await image_bytes(request, settings.max_body_bytes)
         work = core.explain(data, model=model, max_native_tokens=max_native_tokens)
@@ -374,6 +494,20 @@ def create_app(
         description="JSON `{items: [{id, image: base64}], model?, max_native_tokens?}`, or multipart with "
         "one file per image (the file name is the id). Results come in request order; a bad item gets its "
         "own error and does not fail the others.",
+        responses=error_responses(
+            400,
+            401,
+            404,
+            408,
+            413,
+            415,
+            texts={
+                400: "bad JSON, an empty batch, bad multipart, a parameter out of range",
+                413: "body too large, or too many items",
+                415: "neither application/json nor multipart/form-data",
+            },
+        ),
+        openapi_extra=batch_body(settings.max_batch_items),
     )
     async def score_batch(
         request: Request,
@@ -446,7 +580,7 @@ def create_app(
                 )
         return BatchResponse(results=results)
 
-    @app.get("/v1/models", summary="Loaded models and their metadata")
+    @app.get("/v1/models", summary="Loaded models and their metadata", responses=error_responses(401))
     async def models() -> dict[str, Any]:
         return {
             "default": core.default,
@@ -469,7 +603,14 @@ def create_app(
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: every model loaded and warmed up")
+    @app.get(
+        "/readyz",
+        summary="Readiness: every model loaded and warmed up",
+        responses={
+            200: {"model": ReadyResponse},
+            **error_responses(503, texts={503: "not ready; see Retry-After"}),
+        },
+    )
     async def readyz() -> JSONResponse:
         if core.serving:
             return JSONResponse({"status": "ready", "models": sorted(core.models)})
@@ -482,4 +623,31 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.openapi = lambda: app.openapi_schema or openapi_document(app, settings, api_keys)  # type: ignore[method-assign]
     return app
+
+
+def openapi_document(app: FastAPI, settings: ServiceSettings, api_keys: ApiKeys) -> dict[str, Any]:
+    """FastAPI's document, completed with what it cannot see: the batch body's models (with the
+    configured item limit), no 422 (request validation errors are answered 400 here), and the API
+    key schemes where keys are configured."""
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    batch = BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(batch.pop("$defs", {}))
+    batch["properties"]["items"].update(minItems=1, maxItems=settings.max_batch_items)
+    schemas["BatchRequest"] = batch
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path, operations in doc["paths"].items():
+        for operation in operations.values():
+            operation["responses"].pop("422", None)
+            if api_keys.enabled and path.startswith("/v1/"):
+                operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+    if api_keys.enabled:
+        doc["components"]["securitySchemes"] = {
+            "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            "Bearer": {"type": "http", "scheme": "bearer"},
+        }
+    app.openapi_schema = doc
+    return doc
