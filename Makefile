@@ -16,7 +16,7 @@ SERVE_TESTS := tests/test_rest.py tests/test_grpc.py tests/test_grpc_spread.py t
 	tests/test_decode.py tests/test_resize.py tests/test_packing.py \
 	tests/reliability/test_security.py tests/reliability/test_faults.py tests/reliability/test_hostile.py
 
-.PHONY: install install-parity run test test-fast test-pythons system-deps typecheck image-proof parity lint format protos bench bench-compare default-model brisque-compare clean
+.PHONY: install install-parity run test test-fast test-pythons system-deps typecheck image-proof docs-screenshot parity lint format protos bench bench-compare default-model brisque-compare clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -80,6 +80,10 @@ test-pythons: $(STAMP) $(foreach v,$(FOUND_PYTHONS),$(VENV)-py$(v)/.installed)
 # when missing) and proves each runs: deploy/container_proof.sh. Minutes of downloads, several GB.
 image-proof:
 	deploy/container_proof.sh
+
+# Remakes docs/web-page.png from the real page in Debian's chromium (tests/test_web.py fails when it is stale).
+docs-screenshot: $(STAMP)
+	MUSIQ_SCREENSHOT=docs/web-page.png $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_web.py -k page_scores
 
 # The packing against TensorFlow's own resize / patch / decode ops.
 parity: $(PARITY_STAMP)
