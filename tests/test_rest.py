@@ -15,7 +15,7 @@ from model.decode import decode_image
 from model.packing import pack
 from service.runtime import ModelRuntime
 from service.settings import EMBEDDED_ONNX, ServiceSettings
-from tests.helpers import free_port, jpeg, start_server
+from tests.helpers import jpeg, require_tool, start_server
 
 
 @pytest.fixture(scope="module")
@@ -154,53 +154,25 @@ def test_concurrent_requests_are_batched_and_all_answered(server: str) -> None:
 
 
 def test_musiq_serve_starts_on_the_embedded_model() -> None:
-    import subprocess
-    import sys
+    from tests.reliability.serve import serve_process
 
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--grpc-port",
-            "0",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                if r.status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
+    with serve_process(ready_timeout_s=60) as srv:  # `musiq serve --port 0 --grpc-port 0`
         r = httpx.post(
-            f"http://127.0.0.1:{port}/v1/score",
+            f"{srv.url}/v1/score",
             content=jpeg(),
             headers={"Content-Type": "image/jpeg"},
             timeout=60,
         )
         assert r.status_code == 200 and r.json()["model"] == "musiq-clive-small"
-    finally:
-        proc.terminate()
-        code = proc.wait(timeout=30)
+        srv.sigterm()
+        code = srv.proc.wait(timeout=30)
+        log = srv.log()
     # uvicorn shuts down gracefully on SIGTERM (lifespan end: batchers drained), then re-raises
     # the signal so the exit status says why it stopped.
-    log = proc.stdout.read().decode() if proc.stdout else ""
     assert code in (0, -15) and "Application shutdown complete" in log, log
 
 
 def test_metrics_are_promtool_clean_and_count_what_happened(server: str) -> None:
-    import shutil
     import subprocess
 
     httpx.post(f"{server}/v1/score", content=jpeg(seed=5), headers={"Content-Type": "image/jpeg"}, timeout=60)
@@ -232,9 +204,7 @@ def test_metrics_are_promtool_clean_and_count_what_happened(server: str) -> None
         next(ln for ln in text.splitlines() if ln.startswith("musiq_computed_tokens_total{")).split()[-1]
     )
     assert 0 < real <= computed
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus; .ci/run installs it)")
+    promtool = require_tool("promtool", "Debian package prometheus; tools/system_deps.sh installs it")
     check = subprocess.run(
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False
     )

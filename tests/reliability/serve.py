@@ -7,6 +7,7 @@ RSS is the server's alone, a crash shows as an exit code, and SIGTERM can be sen
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import httpx
 
-from tests.helpers import free_port
+# What `musiq serve` logs once it listens (uvicorn's own line; the gRPC line comes from service/rest.py).
+HTTP_LISTENING = re.compile(r"Uvicorn running on (http://\S+:\d+)")
+GRPC_LISTENING = re.compile(r"gRPC server running on \S+:(\d+)")
 
 
 def rss_bytes(pid: int) -> int:
@@ -91,15 +94,16 @@ def serve_process(
     cwd: Path | None = None,
     base_env: dict[str, str] | None = None,
 ) -> Iterator[ServerProcess]:
-    """Starts `musiq serve` with MUSIQ_* `env` on free ports and yields it once /readyz is 200.
+    """Starts `musiq serve` with MUSIQ_* `env` on ports it picks and yields it once /readyz is 200.
 
     By default the checkout's own CLI runs in the checkout with this process's environment;
     `musiq` (the command), `cwd` and `base_env` run another installation as a user would.
     """
-    http_port, grpc_port = free_port(), free_port()
     log = tempfile.NamedTemporaryFile(prefix="musiq-serve-", suffix=".log", delete=False)  # noqa: SIM115
+    # Port 0: the server binds both ports itself and logs them, so no other process can take them
+    # between a choice made here and its bind (and the readiness probe cannot reach another server).
     cmd = [*(musiq or [sys.executable, "-m", "cli"]), "serve", "--host", "127.0.0.1"]
-    cmd += ["--port", str(http_port), "--grpc-port", str(grpc_port)]
+    cmd += ["--port", "0", "--grpc-port", "0"]
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
         cmd,
@@ -108,14 +112,18 @@ def serve_process(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    server = ServerProcess(proc, f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", Path(log.name))
+    server = ServerProcess(proc, "", "", Path(log.name))
     try:
         deadline = time.monotonic() + ready_timeout_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"musiq serve exited with {proc.returncode}:\n{server.log()}")
+            if not server.url and (listening := HTTP_LISTENING.search(server.log())):
+                server.url = listening.group(1)
+                grpc_port = GRPC_LISTENING.search(server.log())  # logged before the HTTP line
+                server.grpc_target = f"127.0.0.1:{grpc_port.group(1)}" if grpc_port else ""
             try:
-                if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                if server.url and httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
