@@ -1,7 +1,8 @@
 """Python client for the MUSIQ scoring service: REST (sync and async) and gRPC.
 
-Needs only httpx (and grpcio for gRPC): no torch, no numpy. Retries 429 and 503 (gRPC
-RESOURCE_EXHAUSTED / UNAVAILABLE) with exponential backoff, honouring the server's Retry-After.
+Needs only httpx (and grpcio with protobuf for gRPC; the generated stubs ship in musiq_client/gen):
+no torch, no numpy, not the server package. Retries 429 and 503 (gRPC RESOURCE_EXHAUSTED /
+UNAVAILABLE) with exponential backoff, honouring the server's Retry-After (gRPC: its retry pushback).
 
     from musiq_client import Client
     client = Client("http://localhost:8000")
@@ -305,8 +306,50 @@ class AsyncClient(_Rest):
                 bar.close()
 
 
-# Spread calls over every address the target resolves to (see GrpcClient).
-GRPC_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+GRPC_SERVICE = "musiq.v1.Quality"
+# The unary methods gRPC retries by itself. A stream is not retried: its replies come back as they
+# finish, and a retry would score again the items already answered.
+GRPC_RETRIED_METHODS = ("Score", "ScoreBatch", "Explain")
+# gRPC caps a retry policy's maxAttempts at 5 (gRFC A6); a larger value is treated as 5.
+GRPC_MAX_ATTEMPTS = 5
+# gRPC retries a call only while its request fits the per-call retry buffer (256 KiB by default:
+# less than most photos). 32 MiB is the server's default request limit (MUSIQ_MAX_BODY_BYTES): a
+# larger image, which such a server refuses at its message limit (RESOURCE_EXHAUSTED, no pushback),
+# is then sent once, not once per attempt.
+GRPC_RETRY_BUFFER_BYTES = 32 * 2**20
+
+
+def _duration(seconds: float) -> str:
+    """A protobuf JSON Duration ("0.2s")."""
+    return f"{seconds:.6f}".rstrip("0").rstrip(".") + "s"
+
+
+def grpc_service_config(retries: int = 5, backoff_s: float = 0.2) -> str:
+    """The channel's service config: `round_robin` over every address (see GrpcClient), and a retry
+    policy for the unary methods. gRPC retries UNAVAILABLE and RESOURCE_EXHAUSTED with exponential
+    backoff from `backoff_s`, or after the server's `grpc-retry-pushback-ms` when it sends one: the
+    Retry-After of an overload refusal, or a negative value (do not retry) for an image too large,
+    which shares RESOURCE_EXHAUSTED. At most min(retries, 4) retries: gRPC's cap of 5 attempts."""
+    config: dict[str, Any] = {"loadBalancingConfig": [{"round_robin": {}}]}
+    attempts = min(retries + 1, GRPC_MAX_ATTEMPTS)
+    if attempts >= 2:  # gRPC rejects a policy of fewer than 2 attempts
+        initial = max(backoff_s, 0.001)
+        config["methodConfig"] = [
+            {
+                "name": [{"service": GRPC_SERVICE, "method": m} for m in GRPC_RETRIED_METHODS],
+                "retryPolicy": {
+                    "maxAttempts": attempts,
+                    "initialBackoff": _duration(initial),
+                    "maxBackoff": _duration(initial * 2 ** (GRPC_MAX_ATTEMPTS - 2)),
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
+                },
+            }
+        ]
+    return json.dumps(config)
+
+
+GRPC_SERVICE_CONFIG = grpc_service_config()
 
 
 class GrpcClient:
@@ -325,6 +368,11 @@ class GrpcClient:
     whose connection is closed. One `score_many` is one stream, so it stays on one replica;
     `score` calls (from threads, or several clients) spread. A `host:port` that resolves to one
     address behaves as before.
+
+    Retries are gRPC's own (`grpc_service_config`): `score` is retried on UNAVAILABLE and
+    RESOURCE_EXHAUSTED, after the server's pushback when it sends one (an overload refusal's
+    Retry-After), never when the pushback says no retry helps (an image too large). At most 4
+    retries (gRPC's cap), all within `timeout_s`.
     """
 
     def __init__(
@@ -337,14 +385,15 @@ class GrpcClient:
     ) -> None:
         import grpc
 
-        from service.gen import quality_pb2, quality_pb2_grpc
+        from musiq_client.gen import quality_pb2, quality_pb2_grpc
 
         self._grpc, self._pb = grpc, quality_pb2
         self.channel = grpc.insecure_channel(
             target,
             options=[
                 ("grpc.max_send_message_length", 64 * 2**20),
-                ("grpc.service_config", GRPC_SERVICE_CONFIG),
+                ("grpc.service_config", grpc_service_config(retries, backoff_s)),
+                ("grpc.per_rpc_retry_buffer_size", GRPC_RETRY_BUFFER_BYTES),
             ],
         )
         self.stub = quality_pb2_grpc.QualityStub(self.channel)
@@ -381,22 +430,14 @@ class GrpcClient:
         request = self._pb.ScoreRequest(image=_read(image), model=model or "")
         if max_native_tokens is not None:
             request.max_native_tokens = max_native_tokens
-        for attempt in range(self.retries + 1):
-            try:
-                result = self._from_reply(self.stub.Score(request, timeout=self.timeout_s))
-            except self._grpc.RpcError as exc:
-                code, details = exc.code(), exc.details() or ""
-                err = MusiqError(_HTTP_OF.get(code.name, 500), details.split(":", 1)[0], details)
-                # RESOURCE_EXHAUSTED also means "image too large", which no retry fixes
-                transient = code == self._grpc.StatusCode.UNAVAILABLE or details.startswith("queue_full")
-                if not transient or attempt == self.retries:
-                    raise err from None
-                time.sleep(_delay(attempt, self.backoff_s, None))
-                continue
-            if isinstance(result, MusiqError):
-                raise result
-            return result
-        raise AssertionError("unreachable")
+        try:
+            reply = self.stub.Score(request, timeout=self.timeout_s)  # retried by gRPC itself
+        except self._grpc.RpcError as exc:
+            raise _grpc_error(exc) from None
+        result = self._from_reply(reply)
+        if isinstance(result, MusiqError):
+            raise result
+        return result
 
     def score_many(
         self, images: Iterable[ImageInput], *, progress: bool = True, model: str | None = None
@@ -420,6 +461,23 @@ class GrpcClient:
         return [
             r if r is not None else MusiqError(500, "missing_reply", "no reply for this item") for r in out
         ]
+
+
+def _grpc_error(exc: Any) -> MusiqError:
+    """The refusal as REST reports it: the server's `code: message`, and the HTTP status
+    (RESOURCE_EXHAUSTED is 429 with a Retry-After, or 413 when its pushback says no retry helps)."""
+    name, details = exc.code().name, exc.details() or ""
+    code, sep, message = details.partition(": ")
+    if not (sep and code.isidentifier() and code.islower()):  # not one of the server's refusals
+        code, message = name.lower(), details
+    pushback = next((v for k, v in exc.trailing_metadata() or () if k == "grpc-retry-pushback-ms"), None)
+    status, retry_after_s = _HTTP_OF.get(name, 500), None
+    if pushback is not None and pushback.lstrip("-").isdigit():
+        if int(pushback) < 0:
+            status = 413 if status == 429 else status
+        else:
+            retry_after_s = int(pushback) / 1000
+    return MusiqError(status, code, message, retry_after_s)
 
 
 _HTTP_OF: dict[str, int] = {

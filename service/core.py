@@ -266,6 +266,14 @@ class ScoringCore:
                 404, "unknown_model", f"no model named {name!r}; serving {sorted(self.models)}"
             ) from None
 
+    def check_batch(self, count: int) -> None:
+        """A batch request must hold 1 to `max_batch_items` images; REST and gRPC refuse alike."""
+        if count == 0:
+            raise ScoringError(400, "empty_batch", "the batch has no images")
+        limit = self.settings.max_batch_items
+        if count > limit:
+            raise ScoringError(413, "too_many_items", f"{count} images; at most {limit} per request")
+
     def packing_for(self, served: ServedModel, max_native_tokens: int | None) -> PackingConfig:
         cap = self.settings.max_native_tokens
         model_cap = served.runtime.packing.max_native_tokens

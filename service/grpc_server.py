@@ -1,9 +1,19 @@
 """gRPC (grpcio asyncio): `musiq.v1.Quality` over the same scoring core as REST, plus the
-standard health service and server reflection. Client deadlines bound the queue wait."""
+standard health service and server reflection. Client deadlines bound the queue wait.
+
+Refusals carry the REST API's error code in the status message (`code: message`) and map the HTTP
+status onto a gRPC one (`_STATUS`). Two HTTP statuses share RESOURCE_EXHAUSTED, which a client's
+retry policy may list as retryable: 429 (overloaded, queue full: retry later) and 413 (too large:
+no retry helps). The trailing `grpc-retry-pushback-ms` tells them apart, as gRPC's retry policy
+reads it (gRFC A6): the Retry-After in milliseconds for a 429, a negative value (do not retry) for
+a 413. UNAVAILABLE (503) carries none: the client's own backoff retries it, on the next replica.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
@@ -20,6 +30,7 @@ from service.settings import ServiceSettings
 T = TypeVar("T")
 
 SERVICE_NAME = quality_pb2.DESCRIPTOR.services_by_name["Quality"].full_name
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -31,6 +42,19 @@ _STATUS = {
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
+
+
+def status_of(exc: ScoringError) -> grpc.StatusCode:
+    return _STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
+
+
+def pushback(exc: ScoringError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that tells a retrying client when to come back, or not to."""
+    if exc.status == 429:  # the same whole seconds REST's Retry-After says
+        return ((PUSHBACK_KEY, str(1000 * max(1, math.ceil(exc.retry_after_s or 1)))),)
+    if exc.status == 413:  # RESOURCE_EXHAUSTED too, but the same request is refused again
+        return ((PUSHBACK_KEY, "-1"),)
+    return ()
 
 
 def _reply(request_id: str, result: ScoreResult) -> quality_pb2.ScoreReply:
@@ -55,16 +79,24 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
     def __init__(self, core: ScoringCore) -> None:
         self.core = core
 
+    def _timeout(self, context: grpc.aio.ServicerContext) -> float:
+        """The time this call may take: the client's deadline, within the server's own timeout."""
+        timeout = self.core.settings.request_timeout_s
+        remaining = context.time_remaining()
+        return timeout if remaining is None else min(timeout, max(0.0, remaining))
+
+    @staticmethod
+    def _cap(request: quality_pb2.ScoreRequest) -> int | None:
+        return request.max_native_tokens if request.HasField("max_native_tokens") else None
+
     async def _score(
         self, request: quality_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> ScoreResult:
-        remaining = context.time_remaining()
-        timeout = self.core.settings.request_timeout_s
-        if remaining is not None:
-            timeout = min(timeout, max(0.0, remaining))
-        cap = request.max_native_tokens if request.HasField("max_native_tokens") else None
         return await self.core.score(
-            request.image, model=request.model or None, max_native_tokens=cap, timeout_s=timeout
+            request.image,
+            model=request.model or None,
+            max_native_tokens=self._cap(request),
+            timeout_s=self._timeout(context),
         )
 
     async def _safe(
@@ -79,38 +111,46 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
                 id=request.id, error=quality_pb2.Error(code=exc.code, message=exc.message)
             )
 
-    async def _observe(self, route: str, code: grpc.StatusCode, start: float) -> None:
-        self.core.metrics.requests.labels("grpc", route, code.name).inc()
-        self.core.metrics.request_seconds.labels("grpc", route).observe(time.perf_counter() - start)
-
-    async def _answer(self, method: str, context, work: Awaitable[T]) -> T:  # type: ignore[no-untyped-def]
-        """Awaits `work`, observes the call, and turns a ScoringError into the matching status."""
-        start = time.perf_counter()
+    @contextlib.asynccontextmanager
+    async def _call(self, route: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Observes one call with the status it really ended with, and turns a ScoringError raised
+        inside into that status (with its retry pushback)."""
+        start, status = time.perf_counter(), grpc.StatusCode.OK
         try:
-            result = await work
+            yield
         except ScoringError as exc:
             self.core.metrics.rejected.labels(exc.code).inc()
-            status = _STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
-            await self._observe(method, status, start)
-            await context.abort(status, f"{exc.code}: {exc.message}")
-        await self._observe(method, grpc.StatusCode.OK, start)
-        return result
+            status = status_of(exc)
+            await context.abort(status, f"{exc.code}: {exc.message}", trailing_metadata=pushback(exc))
+        except (asyncio.CancelledError, GeneratorExit):  # the client left, or its deadline passed
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            status = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            status = grpc.StatusCode.UNKNOWN
+            raise
+        finally:
+            self.core.metrics.requests.labels("grpc", route, status.name).inc()
+            self.core.metrics.request_seconds.labels("grpc", route).observe(time.perf_counter() - start)
+
+    async def _answer(self, route: str, context: grpc.aio.ServicerContext, work: Awaitable[T]) -> T:
+        async with self._call(route, context):
+            return await work
+        raise AssertionError("unreachable: a refusal aborts the call")
 
     async def Score(self, request, context):  # type: ignore[no-untyped-def]
-        result = await self._answer("Score", context, self._score(request, context))
-        return _reply(request.id, result)
+        return _reply(request.id, await self._answer("Score", context, self._score(request, context)))
 
     async def Explain(self, request, context):  # type: ignore[no-untyped-def]
-        remaining = context.time_remaining()
-        timeout = self.core.settings.request_timeout_s
-        if remaining is not None:
-            timeout = min(timeout, max(0.0, remaining))
-        cap = request.max_native_tokens if request.HasField("max_native_tokens") else None
         explained = await self._answer(
             "Explain",
             context,
             self.core.explain(
-                request.image, model=request.model or None, max_native_tokens=cap, timeout_s=timeout
+                request.image,
+                model=request.model or None,
+                max_native_tokens=self._cap(request),
+                timeout_s=self._timeout(context),
             ),
         )
         return quality_pb2.ExplainReply(
@@ -132,20 +172,15 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
         )
 
     async def ScoreBatch(self, request, context):  # type: ignore[no-untyped-def]
-        start = time.perf_counter()
-        limit = self.core.settings.max_batch_items
-        if len(request.items) > limit:
-            await self._observe("ScoreBatch", grpc.StatusCode.RESOURCE_EXHAUSTED, start)
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED, f"{len(request.items)} images; at most {limit}"
-            )
-        replies = await asyncio.gather(*(self._safe(item, context) for item in request.items))
-        await self._observe("ScoreBatch", grpc.StatusCode.OK, start)
+        async def score_all() -> list[quality_pb2.ScoreReply]:
+            self.core.check_batch(len(request.items))  # as REST: empty 400, too many 413
+            return list(await asyncio.gather(*(self._safe(item, context) for item in request.items)))
+
+        replies = await self._answer("ScoreBatch", context, score_all())
         return quality_pb2.ScoreBatchReply(results=replies)
 
     async def ScoreStream(self, request_iterator, context) -> AsyncIterator[quality_pb2.ScoreReply]:  # type: ignore[no-untyped-def]
         """Scores items as they arrive, replying in completion order (each reply carries its id)."""
-        start = time.perf_counter()
         done: asyncio.Queue[quality_pb2.ScoreReply | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
 
@@ -153,23 +188,26 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
             await done.put(await self._safe(request, context))
 
         async def feed() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(one(request))
-                pending.add(task)
-                task.add_done_callback(pending.discard)
-            while pending:
-                await asyncio.gather(*list(pending))
-            await done.put(None)
+            try:
+                async for request in request_iterator:
+                    task = asyncio.create_task(one(request))
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                while pending:
+                    await asyncio.gather(*list(pending))
+            finally:
+                done.put_nowait(None)  # the replies end, also when reading the requests failed
 
-        feeder = asyncio.create_task(feed())
-        try:
-            while (reply := await done.get()) is not None:
-                yield reply
-        finally:
-            feeder.cancel()
-            for task in list(pending):
-                task.cancel()
-            await self._observe("ScoreStream", grpc.StatusCode.OK, start)
+        async with self._call("ScoreStream", context):
+            feeder = asyncio.create_task(feed())
+            try:
+                while (reply := await done.get()) is not None:
+                    yield reply
+                await feeder  # raises what ended the requests early, if anything did
+            finally:
+                feeder.cancel()
+                for task in list(pending):
+                    task.cancel()
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:

@@ -543,10 +543,7 @@ def create_app(
                     items.append((value.filename or key, await value.read()))
         else:
             raise ScoringError(415, "unsupported_media_type", "send application/json or multipart/form-data")
-        if not items:
-            raise ScoringError(400, "empty_batch", "the batch has no images")
-        if len(items) > limit:
-            raise ScoringError(413, "too_many_items", f"{len(items)} images; at most {limit} per request")
+        core.check_batch(len(items))
         core.model(model)  # an unknown model fails the whole request (404), not every item
 
         async def one(data: bytes | ScoringError) -> ScoreResult:

@@ -1,18 +1,31 @@
-"""The Python client against a real server on 127.0.0.1: REST sync/async, gRPC, retries."""
+"""The Python client against a real server on 127.0.0.1: REST sync/async, gRPC, retries (and when
+they come), and the client on its own, without the server package."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
+import shutil
 import subprocess
 import sys
+import sysconfig
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from musiq_client import AsyncClient, Client, GrpcClient, MusiqError, ScoreResult
+from musiq_client import AsyncClient, Client, GrpcClient, MusiqError, ScoreResult, grpc_service_config
 from service.settings import ServiceSettings
+from tests.gated import GatedServer, gated_server, metric
 from tests.helpers import jpeg, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +129,191 @@ def test_explain_sync_and_async(endpoints: tuple[str, str]) -> None:
             return (await client.explain(data)).result.score
 
     assert asyncio.run(run()) == explained.result.score
+
+
+# --- retries: which, and when -------------------------------------------------------------------
+
+
+class RetryAfterOnce(BaseHTTPRequestHandler):
+    """Answers the first POST 429 with `Retry-After: 1`, every later one 200; records when each came."""
+
+    arrivals: list[float]
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.arrivals.append(time.monotonic())
+        if len(self.arrivals) == 1:
+            body, status, headers = (
+                {"error": {"code": "queue_full", "message": "busy"}},
+                429,
+                {"Retry-After": "1"},
+            )
+        else:
+            body = {"score": 50.0, "model": "m", "model_version": "1", "tokens": 10, "timings": {}}
+            status, headers = 200, {}
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in {**headers, "Content-Type": "application/json"}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_rest_retry_waits_the_servers_retry_after(flavour: str) -> None:
+    """A 429 with `Retry-After: 1` is retried a second later, not after the (0.01 s) backoff."""
+    arrivals: list[float] = []
+    handler = type("Handler", (RetryAfterOnce,), {"arrivals": arrivals})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        if flavour == "sync":
+            with Client(url, retries=3, backoff_s=0.01) as client:
+                result = client.score(b"image")
+        else:
+
+            async def run() -> ScoreResult:
+                async with AsyncClient(url, retries=3, backoff_s=0.01) as client:
+                    return await client.score(b"image")
+
+            result = asyncio.run(run())
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert result.score == 50.0 and len(arrivals) == 2
+    assert arrivals[1] - arrivals[0] >= 0.9, f"retried after {arrivals[1] - arrivals[0]:.3f} s"
+
+
+@pytest.fixture(scope="module")
+def overloaded() -> Iterator[GatedServer]:
+    """One request in progress at most; images over 1 MP are refused (413)."""
+    with gated_server(max_in_progress=1, max_pixels=1_000_000) as server:
+        yield server
+
+
+def record_attempts(server: GatedServer, image: bytes) -> list[float]:
+    """When each call scoring `image` reached the server's core (retries included)."""
+    attempts: list[float] = []
+    real = server.core.score
+
+    async def score(data: bytes, **kwargs: Any) -> Any:
+        if data == image:
+            attempts.append(time.monotonic())
+        return await real(data, **kwargs)
+
+    server.core.score = score
+    return attempts
+
+
+def test_grpc_client_retries_overload_refusals_after_the_servers_pushback(overloaded: GatedServer) -> None:
+    """Admission refuses while another request is in progress (RESOURCE_EXHAUSTED `overloaded:`,
+    pushback = Retry-After, 1 s). The client's call is retried by gRPC itself, each retry after the
+    server's pushback, and succeeds once the server has room; the image is larger than gRPC's
+    default per-call retry buffer (256 KiB), which would otherwise make the call unretriable."""
+    server = overloaded
+    image = jpeg(700, 900, seed=30)
+    assert len(image) > 256 * 1024
+    attempts = record_attempts(server, image)
+    refused = metric(server.url, "musiq_requests_total", route="Score", code="RESOURCE_EXHAUSTED")
+    with GrpcClient(server.target, timeout_s=30) as client, ThreadPoolExecutor(1) as pool:
+        with server.hold() as held:
+            call = pool.submit(client.score, image)
+            end = time.monotonic() + 10
+            while len(attempts) < 2:  # refused twice while the held request is in progress
+                assert time.monotonic() < end, f"{len(attempts)} attempts"
+                if call.done():
+                    pytest.fail(f"the call ended without a retry: {call.result()!r}")
+                time.sleep(0.01)
+        result = call.result(timeout=30)
+    assert held.result().status_code == 200
+    assert isinstance(result, ScoreResult) and result.score > 0
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert len(attempts) >= 3 and min(gaps) >= 0.9, f"retries {gaps} s apart; the pushback was 1 s"
+    now_refused = metric(server.url, "musiq_requests_total", route="Score", code="RESOURCE_EXHAUSTED")
+    assert now_refused - refused == len(attempts) - 1
+
+
+def test_grpc_client_does_not_retry_an_image_too_large(overloaded: GatedServer) -> None:
+    """413 maps to RESOURCE_EXHAUSTED too, but with a negative pushback: gRPC does not retry it."""
+    image = jpeg(1100, 1000, seed=31)  # 1.1 MP
+    attempts = record_attempts(overloaded, image)
+    with GrpcClient(overloaded.target, timeout_s=30) as client, pytest.raises(MusiqError) as err:
+        client.score(image)
+    assert (err.value.status, err.value.code) == (413, "image_too_large"), err.value
+    assert err.value.retry_after_s is None
+    assert len(attempts) == 1
+
+
+def test_grpc_refusals_read_as_rest_ones_and_retries_are_configurable(overloaded: GatedServer) -> None:
+    """Without retries the refusal comes back at once, as REST reports it: 429 `overloaded`, the
+    server's message, and its Retry-After (from the pushback). The service config keeps round_robin
+    and retries the unary methods, at most gRPC's 5 attempts; `retries=0` configures none."""
+    client = GrpcClient(overloaded.target, retries=0)
+    with client, overloaded.hold() as held, pytest.raises(MusiqError) as err:
+        client.score(jpeg(seed=32))
+    assert held.result().status_code == 200
+    assert (err.value.status, err.value.code, err.value.retry_after_s) == (429, "overloaded", 1.0)
+    assert err.value.message.startswith("1 requests in progress"), err.value.message
+    config = json.loads(grpc_service_config(retries=9, backoff_s=0.5))
+    assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    (method,) = config["methodConfig"]
+    assert {n["method"] for n in method["name"]} == {"Score", "ScoreBatch", "Explain"}
+    assert method["retryPolicy"]["maxAttempts"] == 5 and method["retryPolicy"]["initialBackoff"] == "0.5s"
+    assert set(method["retryPolicy"]["retryableStatusCodes"]) == {"UNAVAILABLE", "RESOURCE_EXHAUSTED"}
+    assert "methodConfig" not in json.loads(grpc_service_config(retries=0))
+
+
+def test_the_client_works_without_the_server_package(endpoints: tuple[str, str], tmp_path: Path) -> None:
+    """A backend that installs only the client: musiq_client/ copied alone into an empty folder, run by
+    a Python that sees it and the venv's libraries but not this repository nor the server's packages
+    (a non-editable install holds them in that same site-packages: they are made unimportable)."""
+    shutil.copytree(
+        ROOT / "musiq_client", tmp_path / "musiq_client", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    image = tmp_path / "a.jpg"
+    image.write_bytes(jpeg(seed=1))
+    code = """
+import importlib.abc, sys
+alone, libraries, url, target, image = sys.argv[1:]
+sys.path[:] = [alone, *sys.path, libraries]  # no site: no .pth files, so no editable install either
+SERVER = {"service", "model", "export", "cli", "bench", "tools", "tests"}
+
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in SERVER:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NotInstalled())
+try:
+    import service
+except ModuleNotFoundError:
+    pass
+else:
+    raise AssertionError(f"the server package is importable: {service}")
+import musiq_client
+assert musiq_client.__file__.startswith(alone), musiq_client.__file__
+with musiq_client.GrpcClient(target, timeout_s=30) as client:
+    by_grpc = client.score(image)
+with musiq_client.Client(url) as client:
+    by_rest = client.score(image)
+assert abs(by_grpc.score - by_rest.score) < 1e-6, (by_grpc, by_rest)
+loaded = sorted({m.split(".")[0] for m in sys.modules} & (SERVER | {"numpy", "torch"}))
+print(by_grpc.score, loaded)
+"""
+    libraries = sysconfig.get_paths()["purelib"]
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code, str(tmp_path), libraries, *endpoints, str(image)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    score, loaded = done.stdout.split(maxsplit=1)
+    assert float(score) > 0 and loaded.strip() == "[]", done.stdout
