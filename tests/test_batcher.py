@@ -19,6 +19,7 @@ from service.batcher import (
     ItemTooLarge,
     QueueFull,
     ShuttingDown,
+    WouldMissDeadline,
 )
 
 
@@ -204,12 +205,15 @@ def test_cancelled_callers_cost_no_compute() -> None:
 
 def test_deadline_in_the_queue_raises_and_skips_compute() -> None:
     async def main() -> None:
-        model = FakeModel(delay_s=0.2)
+        model = FakeModel(delay_s=1.0)
         b, _ = await started(model, max_queue_delay_s=0.0, max_batch_size=1)
-        first = asyncio.create_task(b.submit(1, 10))  # occupies the model for 0.2 s
+        first = asyncio.create_task(b.submit(1, 10))  # occupies the model for 1 s
         await asyncio.sleep(0.01)
+        t0 = time.monotonic()
         with pytest.raises(DeadlineExceeded, match="deadline"):
             await b.submit(2, 10, timeout_s=0.05)
+        # The caller learns at its deadline, not when the model is free again (1 s).
+        assert time.monotonic() - t0 < 0.5
         assert await first == 10
         await asyncio.sleep(0.05)
         assert 2 not in model.seen
@@ -304,6 +308,95 @@ def test_per_item_timings_are_reported() -> None:
         timings: dict[str, float] = {}
         assert await b.submit(3, 10, timings=timings) == 30
         assert timings["queue_s"] >= 0.009 and timings["infer_s"] >= 0.019
+        await b.stop()
+
+    run(main)
+
+
+class Gate:
+    """A fake model whose batches wait until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.model = FakeModel()
+        self.open = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        if not self.open.wait(10):
+            raise RuntimeError("the gate was never opened")
+        return self.model(items)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never became true")
+
+
+def test_an_item_that_would_miss_its_deadline_is_refused_at_once() -> None:
+    """At the measured rate, the work ahead (running plus waiting) plus the item's own must fit in
+    half its deadline; otherwise `submit` refuses at once (`WouldMissDeadline`, a `QueueFull`
+    with a retry-after) instead of accepting it only for it to time out."""
+
+    async def main() -> None:
+        gate = Gate()
+        b: Batcher[int, int] = Batcher(gate, BatcherConfig(max_queue_delay_s=0.0, max_batch_size=1))
+        b.seed_rate(100.0)  # tokens per second
+        await b.start()
+        running = asyncio.create_task(b.submit(1, 100))  # 1 s of work at that rate
+        await until(lambda: b.in_flight == 1)
+        assert b.expected_wait_s(100) == pytest.approx(2.0)
+        with pytest.raises(WouldMissDeadline) as err:
+            await asyncio.wait_for(b.submit(2, 100, timeout_s=3.0), 1.0)  # 2 s > half of 3 s
+        assert isinstance(err.value, QueueFull) and err.value.retry_after_s >= 1
+        with pytest.raises(WouldMissDeadline):
+            b.check_deadline(0, 1.5)  # callers may ask before decoding: 1 s ahead > 0.75 s
+        b.check_deadline(0, 2.5)  # 1 s ahead, within half of 2.5 s
+        accepted = asyncio.create_task(b.submit(3, 100, timeout_s=5.0))  # 2 s <= half of 5 s
+        await until(lambda: b.depth == 1)
+        gate.open.set()
+        assert await asyncio.gather(running, accepted) == [10, 30]
+        assert 2 not in gate.model.seen
+        await b.stop()
+
+    run(main)
+
+
+@pytest.mark.timeout(30)  # a worker that kept expired items could spin on them without yielding
+def test_the_worker_drops_items_whose_deadline_passed_while_they_waited() -> None:
+    """Worker-side expiry, on the batcher's own clock: items whose deadline passed while a batch ran
+    are failed with DeadlineExceeded when the next batch is formed, and never computed, whether
+    they are at the head of their bucket or behind a live item. The injected clock jumps 30 s, so
+    the callers' own timers (real seconds) never fire during the test."""
+
+    class Clock:
+        now = 1000.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    async def main() -> None:
+        clock, gate = Clock(), Gate()
+        b: Batcher[int, int] = Batcher(
+            gate, BatcherConfig(max_queue_delay_s=0.0, max_batch_size=8), clock=clock
+        )
+        await b.start()
+        running = asyncio.create_task(b.submit(1, 10))
+        await until(lambda: b.in_flight == 1)
+        head = asyncio.create_task(b.submit(2, 10, timeout_s=20))  # expires, at the head
+        live = asyncio.create_task(b.submit(3, 10))  # no deadline
+        behind = asyncio.create_task(b.submit(4, 10, timeout_s=20))  # expires, behind a live item
+        await until(lambda: b.depth == 3)
+        clock.now += 30
+        gate.open.set()
+        assert await running == 10
+        assert await asyncio.wait_for(live, 5) == 30
+        for expired in (head, behind):
+            with pytest.raises(DeadlineExceeded, match=r"30\.000 s"):
+                await asyncio.wait_for(expired, 5)
+        assert gate.model.seen == [1, 3]
+        assert b.depth == 0
         await b.stop()
 
     run(main)

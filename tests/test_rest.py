@@ -372,6 +372,7 @@ def test_queue_full_is_429_with_retry_after_and_deadline_is_504() -> None:
     try:
         r = httpx.post(f"{url}/v1/score", content=jpeg(), headers={"Content-Type": "image/jpeg"}, timeout=30)
         assert_error(r, 504, "deadline_exceeded")
+        assert r.elapsed.total_seconds() < 0.8  # at the 0.2 s deadline, not when the batch leaves (1 s)
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
