@@ -346,6 +346,7 @@ class ScoringCore:
                 503, "inference_failed", f"inference failed: {type(exc).__name__}: {exc}", retry_after_s=1
             ) from exc
         meta = served.runtime.metadata
+        self.metrics.observe_score(meta.name, prediction.score, meta.score_range)
         return ScoreResult(
             score=prediction.score,
             model=meta.name,

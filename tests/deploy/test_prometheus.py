@@ -25,7 +25,7 @@ DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "musiq.json"
 GRAFANA_VARS = {"$__rate_interval": "1m", "$model": ".*", "$protocol": ".*"}
 PROMQL_WORDS = {
     "sum", "by", "rate", "histogram_quantile", "scalar", "or", "and", "unless", "on", "le", "max",
-    "without", "count", "avg", "min",
+    "without", "count", "avg", "min", "increase", "avg_over_time", "sum_over_time",
 }  # fmt: skip
 
 
@@ -52,7 +52,7 @@ def test_config_and_rules_pass_promtool_check() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     result = promtool("check", "rules", "rules.yml")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 11 rules found" in result.stdout
+    assert "SUCCESS: 18 rules found" in result.stdout
 
 
 def test_rule_unit_tests_pass() -> None:
@@ -69,6 +69,39 @@ def test_rule_unit_tests_catch_a_wrong_threshold(tmp_path: Path) -> None:
     result = promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
     assert result.returncode != 0
     assert "MusiqHighErrorRatio" in result.stdout + result.stderr
+
+
+SHIFT_RULE = {
+    "over": "(musiq:score:p50_rate1h - musiq:score:p50_rate1w) > 0.1 * musiq:score_range:width",
+    "under": "(musiq:score:p50_rate1h - musiq:score:p50_rate1w) < -0.1 * musiq:score_range:width",
+    "hourly": "musiq:scored_images:increase1h >= 100",
+    "for": "        for: 30m\n        labels:\n          severity: ticket",
+}
+
+
+@pytest.mark.parametrize(
+    ("part", "broken"),
+    [
+        # Inverted: fires inside the band instead of outside it (the stable models would fire).
+        ("over", "(musiq:score:p50_rate1h - musiq:score:p50_rate1w) < 0.1 * musiq:score_range:width"),
+        # A fixed 10 points instead of 10 % of the model's range: the 1..10 model never fires.
+        ("under", "(musiq:score:p50_rate1h - musiq:score:p50_rate1w) < -10"),
+        # No traffic guard worth the name: 60 images an hour would decide.
+        ("hourly", "musiq:scored_images:increase1h >= 10"),
+        # No `for`: fires while the shift is still pending.
+        ("for", "        for: 0m\n        labels:\n          severity: ticket"),
+    ],
+    ids=["inverted", "not-scaled-to-range", "no-traffic-guard", "no-for"],
+)
+def test_score_shift_unit_tests_catch_a_broken_rule(tmp_path: Path, part: str, broken: str) -> None:
+    """MusiqScoreDistributionShift's unit tests fail when the rule loses any of its parts."""
+    rules = (PROM / "rules.yml").read_text()
+    assert rules.count(SHIFT_RULE[part]) == 1, part
+    (tmp_path / "rules.yml").write_text(rules.replace(SHIFT_RULE[part], broken))
+    shutil.copy(PROM / "rules_test.yml", tmp_path)
+    result = promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
+    assert result.returncode != 0, part
+    assert "MusiqScoreDistributionShift" in result.stdout + result.stderr
 
 
 def test_dashboard_promql_parses(tmp_path: Path) -> None:
@@ -98,6 +131,10 @@ def test_dashboard_covers_the_required_views() -> None:
         "musiq_batch_tokens",
         "musiq_real_tokens_total",  # padding efficiency
         "musiq_inference_duration_seconds_bucket",
+        # served-score distribution (p10/p50/p90 over 1 h) against the weekly median it alerts on
+        "histogram_quantile(0.5, sum by (model, le) (musiq:score_bucket:rate1h",
+        "histogram_quantile(0.9, sum by (model, le) (musiq:score_bucket:rate1h",
+        "musiq:score:p50_rate1w",
     ):
         assert needle in text, needle
     variables = {v["name"] for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
