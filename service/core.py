@@ -1,7 +1,7 @@
 """The protocol-independent core: bytes -> decode -> pack -> batcher -> ONNX Runtime -> result.
 
-The REST and gRPC handlers call `ScoringCore.score`; every failure is a `ScoringError` with
-a stable code and the HTTP status it maps to, so the protocol layers only translate.
+The REST and gRPC handlers call `ScoringCore.score`; every failure is a `ScoringError` with a
+stable code (`service/errors.py` maps it onto HTTP and gRPC), so the protocol layers only translate.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from service.batcher import (
     ShuttingDown,
     WouldMissDeadline,
 )
+from service.errors import ScoringError
 from service.explain import RolloutRuntime, ScaleExplanation, explain_scales, rollout_path
 from service.heap import keep_freed_memory
 from service.metrics import ServiceMetrics
@@ -52,15 +53,6 @@ class Prepared:
     packed: PackedImage
     compute: PackedImage
     timings: dict[str, float]
-
-
-class ScoringError(Exception):
-    def __init__(self, status: int, code: str, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -240,7 +232,7 @@ class ScoringCore:
             if pool:
                 pool.shutdown(wait=True)
 
-    def _load_explainer(self, served: ServedModel, path, options: RuntimeOptions) -> None:  # type: ignore[no-untyped-def]
+    def _load_explainer(self, served: ServedModel, path: Path, options: RuntimeOptions) -> None:
         """Loads NAME.rollout.onnx if present and made from the same checkpoint as the model."""
         candidate = rollout_path(path)
         if not candidate.is_file():
@@ -263,16 +255,16 @@ class ScoringCore:
             return self.models[name]
         except KeyError:
             raise ScoringError(
-                404, "unknown_model", f"no model named {name!r}; serving {sorted(self.models)}"
+                "unknown_model", f"no model named {name!r}; serving {sorted(self.models)}"
             ) from None
 
     def check_batch(self, count: int) -> None:
         """A batch request must hold 1 to `max_batch_items` images; REST and gRPC refuse alike."""
         if count == 0:
-            raise ScoringError(400, "empty_batch", "the batch has no images")
+            raise ScoringError("empty_batch", "the batch has no images")
         limit = self.settings.max_batch_items
         if count > limit:
-            raise ScoringError(413, "too_many_items", f"{count} images; at most {limit} per request")
+            raise ScoringError("too_many_items", f"{count} images; at most {limit} per request")
 
     def packing_for(self, served: ServedModel, max_native_tokens: int | None) -> PackingConfig:
         cap = self.settings.max_native_tokens
@@ -281,7 +273,7 @@ class ScoringCore:
         limit = min(limits) if limits else -1
         if max_native_tokens is not None:
             if max_native_tokens < 0 or (limit >= 0 and max_native_tokens > limit):
-                raise ScoringError(400, "bad_request", f"max_native_tokens must be between 0 and {limit}")
+                raise ScoringError("bad_request", f"max_native_tokens must be between 0 and {limit}")
             limit = max_native_tokens
         p = served.runtime.packing
         return PackingConfig(p.patch_size, p.grid_size, p.longer_sides, limit, pad_native=False)
@@ -300,16 +292,15 @@ class ScoringCore:
         """Decodes and packs in the thread pool; undecodable input becomes a 4xx ScoringError."""
         packing = self.packing_for(served, max_native_tokens)
         if not data:
-            raise ScoringError(400, "empty_body", "the request carries no image bytes")
+            raise ScoringError("empty_body", "the request carries no image bytes")
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
             prepared = await loop.run_in_executor(self.pool, self._decode_and_pack, data, packing)
         except ImageTooLargeError as exc:
-            raise ScoringError(413, "image_too_large", str(exc)) from exc
+            raise ScoringError("image_too_large", str(exc)) from exc
         except ImageDecodeError as exc:
-            status = 415 if exc.reason == "unrecognised" else 400
-            raise ScoringError(status, f"image_{exc.reason}", str(exc)) from exc
+            raise ScoringError(f"image_{exc.reason}", str(exc)) from exc
         finally:
             self.preparing -= 1  # from here the image is in the queue (submit enqueues at once)
         self.metrics.decode_seconds.observe(prepared.timings["decode_s"])
@@ -328,22 +319,22 @@ class ScoringCore:
                 timings=timings,
             )
         except WouldMissDeadline as exc:
-            raise ScoringError(429, "overloaded", str(exc), retry_after_s=exc.retry_after_s) from exc
+            raise ScoringError("overloaded", str(exc), retry_after_s=exc.retry_after_s) from exc
         except QueueFull as exc:
-            raise ScoringError(429, "queue_full", str(exc), retry_after_s=exc.retry_after_s) from exc
+            raise ScoringError("queue_full", str(exc), retry_after_s=exc.retry_after_s) from exc
         except ShuttingDown as exc:
-            raise ScoringError(503, "shutting_down", str(exc), retry_after_s=1) from exc
+            raise ScoringError("shutting_down", str(exc), retry_after_s=1) from exc
         except DeadlineExceeded as exc:
-            raise ScoringError(504, "deadline_exceeded", str(exc)) from exc
+            raise ScoringError("deadline_exceeded", str(exc)) from exc
         except ItemTooLarge as exc:
-            raise ScoringError(413, "too_many_tokens", str(exc)) from exc
+            raise ScoringError("too_many_tokens", str(exc)) from exc
         except InferenceTimeout as exc:
-            raise ScoringError(503, "inference_timeout", str(exc), retry_after_s=1) from exc
+            raise ScoringError("inference_timeout", str(exc), retry_after_s=1) from exc
         except ModelStuck as exc:
-            raise ScoringError(503, "model_unavailable", str(exc), retry_after_s=1) from exc
+            raise ScoringError("model_unavailable", str(exc), retry_after_s=1) from exc
         except Exception as exc:  # the model itself failed
             raise ScoringError(
-                503, "inference_failed", f"inference failed: {type(exc).__name__}: {exc}", retry_after_s=1
+                "inference_failed", f"inference failed: {type(exc).__name__}: {exc}", retry_after_s=1
             ) from exc
         meta = served.runtime.metadata
         self.metrics.observe_score(meta.name, prediction.score, meta.score_range)
@@ -358,9 +349,9 @@ class ScoringCore:
 
     def _check_ready(self) -> None:
         if self.draining:
-            raise ScoringError(503, "shutting_down", "the server is shutting down", retry_after_s=1)
+            raise ScoringError("shutting_down", "the server is shutting down", retry_after_s=1)
         if not self.ready:
-            raise ScoringError(503, "not_ready", "the service is not ready", retry_after_s=1)
+            raise ScoringError("not_ready", "the service is not ready", retry_after_s=1)
 
     @contextlib.contextmanager
     def _admitted(self, served: ServedModel, timeout_s: float) -> Iterator[None]:
@@ -369,7 +360,6 @@ class ScoringCore:
         overload grows neither memory nor the decode pool's backlog."""
         if self.in_progress >= self.settings.max_in_progress:
             raise ScoringError(
-                429,
                 "overloaded",
                 f"{self.in_progress} requests in progress, the limit is {self.settings.max_in_progress}",
                 retry_after_s=served.batcher.retry_after_s(),
@@ -377,7 +367,7 @@ class ScoringCore:
         try:
             served.batcher.check_deadline(0, timeout_s)
         except WouldMissDeadline as exc:
-            raise ScoringError(429, "overloaded", str(exc), retry_after_s=exc.retry_after_s) from exc
+            raise ScoringError("overloaded", str(exc), retry_after_s=exc.retry_after_s) from exc
         self.in_progress += 1
         try:
             yield
@@ -416,11 +406,9 @@ class ScoringCore:
         self._check_ready()
         served = self.model(model)
         if served.explainer is None:
-            raise ScoringError(
-                404, "no_explanations", f"model {served.runtime.name!r}: {served.explain_problem}"
-            )
+            raise ScoringError("no_explanations", f"model {served.runtime.name!r}: {served.explain_problem}")
         if self.explain_waiting >= self.settings.explain_max_waiting:
-            raise ScoringError(429, "queue_full", "too many explanations are waiting", retry_after_s=1)
+            raise ScoringError("queue_full", "too many explanations are waiting", retry_after_s=1)
         timeout = self.settings.request_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         self.explain_waiting += 1
@@ -430,7 +418,6 @@ class ScoringCore:
                 pixels, packed = prepared.pixels, prepared.packed
                 if packed.num_tokens > self.settings.explain_max_tokens:
                     raise ScoringError(
-                        413,
                         "too_many_tokens",
                         f"{packed.num_tokens} tokens; explanations take at most "
                         f"{self.settings.explain_max_tokens} (lower max_native_tokens)",
@@ -440,9 +427,7 @@ class ScoringCore:
             try:
                 await asyncio.wait_for(self.explain_slots.acquire(), max(0.0, deadline - time.monotonic()))
             except TimeoutError as exc:
-                raise ScoringError(
-                    504, "deadline_exceeded", "no explanation slot before the deadline"
-                ) from exc
+                raise ScoringError("deadline_exceeded", "no explanation slot before the deadline") from exc
         finally:
             self.explain_waiting -= 1
         try:
@@ -454,9 +439,7 @@ class ScoringCore:
                 self.pool, explain_scales, pixels, packed, rollout, self.settings.explain_display_side
             )
         except Exception as exc:
-            raise ScoringError(
-                503, "explain_failed", f"explanation failed: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise ScoringError("explain_failed", f"explanation failed: {type(exc).__name__}: {exc}") from exc
         finally:
             self.explain_slots.release()
         result.timings["rollout_s"] = t1 - t0

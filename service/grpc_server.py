@@ -1,12 +1,11 @@
 """gRPC (grpcio asyncio): `musiq.v1.Quality` over the same scoring core as REST, plus the
 standard health service and server reflection. Client deadlines bound the queue wait.
 
-Refusals carry the REST API's error code in the status message (`code: message`) and map the HTTP
-status onto a gRPC one (`_STATUS`). Two HTTP statuses share RESOURCE_EXHAUSTED, which a client's
-retry policy may list as retryable: 429 (overloaded, queue full: retry later) and 413 (too large:
-no retry helps). The trailing `grpc-retry-pushback-ms` tells them apart, as gRPC's retry policy
-reads it (gRFC A6): the Retry-After in milliseconds for a 429, a negative value (do not retry) for
-a 413. UNAVAILABLE (503) carries none: the client's own backoff retries it, on the next replica.
+Refusals carry the REST API's error code in the status message (`code: message`), with the gRPC
+status `service/errors.py` gives that code. Overload and "too large" share RESOURCE_EXHAUSTED,
+which a client's retry policy may list as retryable; the trailing `grpc-retry-pushback-ms` tells
+them apart, as gRPC's retry policy reads it (gRFC A6): the Retry-After in milliseconds when a retry
+may help, a negative value (do not retry) when not.
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.core import ScoreResult, ScoringCore, ScoringError
+from service.core import ScoreResult, ScoringCore
+from service.errors import ScoringError
 from service.gen import quality_pb2, quality_pb2_grpc
 from service.security import ApiKeyInterceptor, ApiKeys, grpc_server_credentials
 from service.settings import ServiceSettings
@@ -32,29 +32,18 @@ T = TypeVar("T")
 SERVICE_NAME = quality_pb2.DESCRIPTOR.services_by_name["Quality"].full_name
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
-_STATUS = {
-    400: grpc.StatusCode.INVALID_ARGUMENT,
-    404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    415: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    408: grpc.StatusCode.DEADLINE_EXCEEDED,
-    503: grpc.StatusCode.UNAVAILABLE,
-    504: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
-
-
-def status_of(exc: ScoringError) -> grpc.StatusCode:
-    return _STATUS.get(exc.status, grpc.StatusCode.INTERNAL)
-
 
 def pushback(exc: ScoringError) -> tuple[tuple[str, str], ...]:
-    """The trailing metadata that tells a retrying client when to come back, or not to."""
-    if exc.status == 429:  # the same whole seconds REST's Retry-After says
+    """The trailing metadata that tells a retrying client when to come back, or not to.
+
+    RESOURCE_EXHAUSTED means overload (retryable) or too large (not): the pushback tells them apart,
+    in the same whole seconds REST's Retry-After says. UNAVAILABLE carries none: the client's own
+    backoff retries it, on the next replica."""
+    if exc.grpc_status != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return ()
+    if exc.retryable:
         return ((PUSHBACK_KEY, str(1000 * max(1, math.ceil(exc.retry_after_s or 1)))),)
-    if exc.status == 413:  # RESOURCE_EXHAUSTED too, but the same request is refused again
-        return ((PUSHBACK_KEY, "-1"),)
-    return ()
+    return ((PUSHBACK_KEY, "-1"),)
 
 
 def _reply(request_id: str, result: ScoreResult) -> quality_pb2.ScoreReply:
@@ -73,6 +62,13 @@ def _reply(request_id: str, result: ScoreResult) -> quality_pb2.ScoreReply:
         ),
         distribution=list(result.distribution or ()),
     )
+
+
+def _interrupted(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """How a call that did not finish on its own ended: its deadline passed, or the client left."""
+    remaining = context.time_remaining()
+    expired = remaining is not None and remaining <= 0
+    return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
 
 
 class QualityServicer(quality_pb2_grpc.QualityServicer):
@@ -120,16 +116,20 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
             yield
         except ScoringError as exc:
             self.core.metrics.rejected.labels(exc.code).inc()
-            status = status_of(exc)
+            status = exc.grpc_status
             await context.abort(status, f"{exc.code}: {exc.message}", trailing_metadata=pushback(exc))
         except (asyncio.CancelledError, GeneratorExit):  # the client left, or its deadline passed
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            status = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            status = _interrupted(context)
             raise
         except Exception:
             status = grpc.StatusCode.UNKNOWN
             raise
+        else:
+            # A stream whose requests stop because the call was cancelled or ran out its deadline
+            # returns normally here; its client saw that status, not OK.
+            remaining = context.time_remaining()
+            if context.cancelled() or (remaining is not None and remaining <= 0):
+                status = _interrupted(context)
         finally:
             self.core.metrics.requests.labels("grpc", route, status.name).inc()
             self.core.metrics.request_seconds.labels("grpc", route).observe(time.perf_counter() - start)
@@ -139,10 +139,14 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
             return await work
         raise AssertionError("unreachable: a refusal aborts the call")
 
-    async def Score(self, request, context):  # type: ignore[no-untyped-def]
+    async def Score(
+        self, request: quality_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> quality_pb2.ScoreReply:
         return _reply(request.id, await self._answer("Score", context, self._score(request, context)))
 
-    async def Explain(self, request, context):  # type: ignore[no-untyped-def]
+    async def Explain(
+        self, request: quality_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> quality_pb2.ExplainReply:
         explained = await self._answer(
             "Explain",
             context,
@@ -171,7 +175,9 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
             ],
         )
 
-    async def ScoreBatch(self, request, context):  # type: ignore[no-untyped-def]
+    async def ScoreBatch(
+        self, request: quality_pb2.ScoreBatchRequest, context: grpc.aio.ServicerContext
+    ) -> quality_pb2.ScoreBatchReply:
         async def score_all() -> list[quality_pb2.ScoreReply]:
             self.core.check_batch(len(request.items))  # as REST: empty 400, too many 413
             return list(await asyncio.gather(*(self._safe(item, context) for item in request.items)))
@@ -179,7 +185,9 @@ class QualityServicer(quality_pb2_grpc.QualityServicer):
         replies = await self._answer("ScoreBatch", context, score_all())
         return quality_pb2.ScoreBatchReply(results=replies)
 
-    async def ScoreStream(self, request_iterator, context) -> AsyncIterator[quality_pb2.ScoreReply]:  # type: ignore[no-untyped-def]
+    async def ScoreStream(
+        self, request_iterator: AsyncIterator[quality_pb2.ScoreRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[quality_pb2.ScoreReply]:
         """Scores items as they arrive, replying in completion order (each reply carries its id)."""
         done: asyncio.Queue[quality_pb2.ScoreReply | None] = asyncio.Queue()
         pending: set[asyncio.Task[None]] = set()
@@ -237,7 +245,8 @@ async def start_grpc(core: ScoringCore, host: str, port: int) -> tuple[grpc.aio.
         interceptors=[ApiKeyInterceptor(ApiKeys.from_settings(core.settings))],
         options=server_options(core.settings),
     )
-    quality_pb2_grpc.add_QualityServicer_to_server(QualityServicer(core), server)
+    # generated by grpc_tools without annotations
+    quality_pb2_grpc.add_QualityServicer_to_server(QualityServicer(core), server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -263,7 +272,7 @@ async def start_grpc(core: ScoringCore, host: str, port: int) -> tuple[grpc.aio.
         task.add_done_callback(health_tasks.discard)
 
     core.health_listeners.append(on_health)
-    server.musiq_health = health_servicer  # type: ignore[attr-defined]  # flipped to NOT_SERVING on shutdown
+    server.musiq_health = health_servicer  # flipped to NOT_SERVING on shutdown
     return server, bound
 
 

@@ -47,7 +47,7 @@ def keep_freed_memory(megabytes: int) -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     keep = megabytes << 20
     # Mmap threshold at most 32 MiB on 64-bit glibc (HEAP_MAX_SIZE / 2); larger requests are rare.
-    applied = (
+    applied = bool(
         mallopt(_M_TRIM_THRESHOLD, keep) == 1 and mallopt(_M_MMAP_THRESHOLD, min(keep // 4, 32 << 20)) == 1
     )
     if not applied:

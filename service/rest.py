@@ -1,8 +1,12 @@
 """REST API (FastAPI): `POST /v1/score`, `POST /v1/score:batch`, `POST /v1/explain`, `GET /v1/models`,
-`/healthz`, `/readyz`, `/metrics`, and the web page at `/` (`service/static/`); its lifespan also runs the gRPC server over the same scoring core.
+`/healthz`, `/readyz`, `/metrics`, and the web page at `/` (`service/static/`).
+
+Routes are module-level `APIRouter`s; what they need (the scoring core, its settings, the API keys)
+comes through FastAPI dependencies from `app.state`, which `create_app` fills. REST knows nothing of
+gRPC: `service/app.py`, the composition root, runs both over one core.
 
 Every error has one JSON shape, `{"error": {"code", "message"}}`, and a 4xx status for anything
-the client can fix (429 and 503 carry `Retry-After`). Bodies are read up to the configured limit
+the client can fix (429 and 503 carry `Retry-After`); `service/errors.py` gives each code its status. Bodies are read up to the configured limit
 and refused beyond it (413) without buffering the rest.
 """
 
@@ -12,15 +16,15 @@ import asyncio
 import base64
 import binascii
 import importlib.metadata
-import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -28,9 +32,10 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from service.core import ExplainResult, RuntimeFactory, ScoreResult, ScoringCore, ScoringError
+from service.core import ExplainResult, ScoreResult, ScoringCore
+from service.errors import ScoringError
 from service.metrics import ServiceMetrics
-from service.security import ApiKeys, rest_api_key_dependency
+from service.security import ApiKeys, check_api_key
 from service.settings import ServiceSettings
 
 
@@ -194,25 +199,24 @@ IMAGE_BODY = {
 }
 
 
-def batch_body(max_items: int) -> dict[str, Any]:
-    files = {"type": "array", "items": BINARY, "minItems": 1, "maxItems": max_items}
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}},
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["images"],
-                        "properties": {"images": files},
-                        "description": "one image file per part, under any field name; its file name is "
-                        "the id (a part without a file name is a form field, not an image)",
-                    },
+# maxItems (the configured limit) is added by `openapi_document`.
+BATCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/BatchRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["images"],
+                    "properties": {"images": {"type": "array", "items": BINARY, "minItems": 1}},
+                    "description": "one image file per part, under any field name; its file name is "
+                    "the id (a part without a file name is a form field, not an image)",
                 },
             },
-        }
+        },
     }
+}
 
 
 def error(status: int, code: str, message: str, retry_after_s: float | None = None) -> JSONResponse:
@@ -224,9 +228,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The body, up to `limit` bytes, within the configured body timeout (a slow client gets 408)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise ScoringError(
-            413, "body_too_large", f"request body of {declared} bytes exceeds the limit of {limit}"
-        )
+        raise ScoringError("body_too_large", f"request body of {declared} bytes exceeds the limit of {limit}")
     timeout_s = request.app.state.core.settings.body_timeout_s
     chunks, size = [], 0
     try:
@@ -234,13 +236,10 @@ async def read_body(request: Request, limit: int) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise ScoringError(
-                        413, "body_too_large", f"request body exceeds the limit of {limit} bytes"
-                    )
+                    raise ScoringError("body_too_large", f"request body exceeds the limit of {limit} bytes")
                 chunks.append(chunk)
     except TimeoutError:
         raise ScoringError(
-            408,
             "body_timeout",
             f"the request body was not received within {timeout_s:g} s ({size} bytes came)",
         ) from None
@@ -253,7 +252,7 @@ async def parse_form(request: Request, body: bytes, max_files: int) -> Any:
     boundary = request.headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip('" ')
     if boundary and f"--{boundary}--".encode() not in body:
         # The parser would silently drop an unterminated last part: say what is wrong instead.
-        raise ScoringError(400, "bad_multipart", "multipart body does not end with its closing boundary")
+        raise ScoringError("bad_multipart", "multipart body does not end with its closing boundary")
     try:
         return await Request(request.scope, receive=_receive_from(body)).form(
             max_files=max_files,
@@ -262,7 +261,7 @@ async def parse_form(request: Request, body: bytes, max_files: int) -> Any:
         )
     except Exception as exc:  # malformed multipart, too many parts, a field too large
         raise ScoringError(
-            400, "bad_multipart", f"malformed multipart body ({type(exc).__name__}: {exc})"
+            "bad_multipart", f"malformed multipart body ({type(exc).__name__}: {exc})"
         ) from exc
 
 
@@ -274,19 +273,19 @@ async def image_bytes(request: Request, limit: int) -> bytes:
         form = await parse_form(request, body, max_files=1)
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
-            raise ScoringError(400, "missing_image", "multipart body has no file field named 'image'")
-        return await upload.read()
+            raise ScoringError("missing_image", "multipart body has no file field named 'image'")
+        data: bytes = await upload.read()
+        return data
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return await read_body(request, limit)
     raise ScoringError(
-        415,
         "unsupported_media_type",
         f"Content-Type {ctype or '(none)'} is not accepted: send the image as image/*, "
         "application/octet-stream or multipart/form-data field 'image'",
     )
 
 
-def _receive_from(body: bytes):  # type: ignore[no-untyped-def]
+def _receive_from(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
     sent = False
 
     async def receive() -> dict[str, Any]:
@@ -313,7 +312,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T], poll_s: floa
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
-                raise ScoringError(499, "client_closed", "the client closed the connection")
+                raise ScoringError("client_closed", "the client closed the connection")
     finally:
         if not task.done():
             task.cancel()
@@ -383,251 +382,324 @@ class RequestMetrics:
             self.metrics.request_seconds.labels("http", route).observe(time.perf_counter() - start)
 
 
-def create_app(
-    settings: ServiceSettings | None = None, runtime_factory: RuntimeFactory | None = None
-) -> FastAPI:
-    """`runtime_factory` replaces ModelRuntime (tests inject failing or hanging models)."""
-    settings = settings or ServiceSettings()
-    core = (
-        ScoringCore(settings)
-        if runtime_factory is None
-        else ScoringCore(settings, runtime_factory=runtime_factory)
-    )
-    api_keys = ApiKeys.from_settings(settings)
+# --- dependencies: what a route needs, read from the app the composition root built -------------
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        """One process, both protocols, one core: gRPC starts and stops with the REST app."""
-        from service.grpc_server import start_grpc, stop_grpc
 
-        await core.start()
-        grpc_server = None
-        if settings.grpc_enabled:
-            grpc_server, app.state.grpc_port = await start_grpc(core, settings.host, settings.grpc_port)
-            # Beside uvicorn's "Uvicorn running on ..." line, in its format: with --grpc-port 0 this
-            # is how a user (and tests/reliability/serve.py) learns the port.
-            logging.getLogger("uvicorn.error").info(
-                "gRPC server running on %s:%d", settings.host, app.state.grpc_port
+def core_of(app: FastAPI) -> ScoringCore:
+    core: ScoringCore = app.state.core
+    return core
+
+
+def get_core(request: Request) -> ScoringCore:
+    return core_of(request.app)
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    return get_core(request).settings
+
+
+Core = Annotated[ScoringCore, Depends(get_core)]
+Settings = Annotated[ServiceSettings, Depends(get_settings)]
+
+
+async def api_key(request: Request) -> None:
+    """App-wide: runs before the body is read, so a refused client sends none."""
+    check_api_key(request.app.state.api_keys, request)
+
+
+@dataclass(frozen=True)
+class ScoreParams:
+    model: str | None
+    max_native_tokens: int | None
+
+
+def score_params(
+    settings: Settings,
+    model: Annotated[str | None, Query(description="model name (default: the server's default)")] = None,
+    max_native_tokens: Annotated[
+        int | None,
+        Query(ge=0, description="cap on native-resolution tokens (a model's own cap may be lower: 400)"),
+    ] = None,
+) -> ScoreParams:
+    """The query of /v1/score and /v1/explain; the configured cap is the schema's `maximum`
+    (`openapi_document`), checked here as FastAPI would."""
+    cap = settings.max_native_tokens
+    if max_native_tokens is not None and 0 <= cap < max_native_tokens:
+        raise ScoringError(
+            "bad_request", f"query.max_native_tokens: Input should be less than or equal to {cap}"
+        )
+    return ScoreParams(model, max_native_tokens)
+
+
+Params = Annotated[ScoreParams, Depends(score_params)]
+
+
+# --- error answers -------------------------------------------------------------------------------
+
+
+async def scoring_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ScoringError)
+    get_core(request).metrics.rejected.labels(exc.code).inc()
+    return error(exc.http_status, exc.code, exc.message, exc.retry_after_s)
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    get_core(request).metrics.rejected.labels("bad_request").inc()
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    return error(400, "bad_request", f"{where}: {first.get('msg', 'invalid request')}")
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+# What scoring one image can answer besides 200 (core, body reading, media types, API keys).
+SCORING_ERRORS = (400, 401, 404, 408, 413, 415, 429, 503, 504)
+
+scoring = APIRouter(prefix="/v1")
+
+
+@scoring.post(
+    "/score",
+    response_model=ScoreResponse,
+    summary="Score one image",
+    description="Send the image as the raw body (Content-Type image/* or application/octet-stream) "
+    "or as multipart field `image`.",
+    responses=error_responses(*SCORING_ERRORS),
+    openapi_extra=IMAGE_BODY,
+)
+async def score(request: Request, core: Core, params: Params) -> ScoreResponse:
+    data = await image_bytes(request, core.settings.max_body_bytes)
+    work = core.score(data, model=params.model, max_native_tokens=params.max_native_tokens)
+    return to_response(await unless_disconnected(request, work))
+
+
+@scoring.post(
+    "/explain",
+    response_model=ExplainResponse,
+    summary="Score one image and show where the model looked",
+    description="Same body forms as /v1/score. Adds, for each scale, the CLS attention rollout on "
+    "that scale's patch grid and a PNG heatmap of it over the image. Needs the model's explanation "
+    "graph (NAME.rollout.onnx beside NAME.onnx); bounded apart from scoring (MUSIQ_EXPLAIN_*).",
+    responses=error_responses(
+        *SCORING_ERRORS,
+        texts={
+            404: "unknown model, or the model has no explanation graph",
+            429: "overloaded, or too many explanations waiting; see Retry-After",
+        },
+    ),
+    openapi_extra=IMAGE_BODY,
+)
+async def explain(request: Request, core: Core, params: Params) -> ExplainResponse:
+    data = await image_bytes(request, core.settings.max_body_bytes)
+    work = core.explain(data, model=params.model, max_native_tokens=params.max_native_tokens)
+    return to_explain_response(await unless_disconnected(request, work))
+
+
+async def batch_items(
+    request: Request, core: ScoringCore
+) -> tuple[list[tuple[str, bytes | ScoringError]], Any]:
+    """The items of a batch request (id, bytes or the item's own error), and the JSON body's
+    parameters (None for multipart)."""
+    settings = core.settings
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body = await read_body(request, settings.max_body_bytes)
+    items: list[tuple[str, bytes | ScoringError]] = []
+    if ctype == "application/json":
+        try:
+            parsed = BatchRequest.model_validate_json(body)
+        except ValidationError as exc:  # described without echoing the input back
+            first = exc.errors(include_input=False, include_url=False)[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "body"
+            raise ScoringError("bad_request", f"invalid batch JSON: {where}: {first['msg']}") from exc
+        for it in parsed.items:
+            try:
+                items.append((it.id, base64.b64decode(it.image, validate=True)))
+            except (binascii.Error, ValueError):
+                items.append((it.id, ScoringError("bad_base64", "image is not valid base64")))
+        return items, parsed
+    if ctype == "multipart/form-data":
+        form = await parse_form(request, body, max_files=settings.max_batch_items)
+        for key, value in form.multi_items():
+            if not isinstance(value, str):
+                items.append((value.filename or key, await value.read()))
+        return items, None
+    raise ScoringError("unsupported_media_type", "send application/json or multipart/form-data")
+
+
+@scoring.post(
+    "/score:batch",
+    response_model=BatchResponse,
+    summary="Score many images",
+    description="JSON `{items: [{id, image: base64}], model?, max_native_tokens?}`, or multipart with "
+    "one file per image (the file name is the id). Results come in request order; a bad item gets its "
+    "own error and does not fail the others.",
+    responses=error_responses(
+        400,
+        401,
+        404,
+        408,
+        413,
+        415,
+        texts={
+            400: "bad JSON, an empty batch, bad multipart, a parameter out of range",
+            413: "body too large, or too many items",
+            415: "neither application/json nor multipart/form-data",
+        },
+    ),
+    openapi_extra=BATCH_BODY,
+)
+async def score_batch(
+    request: Request,
+    core: Core,
+    model: Annotated[str | None, Query(description="model name (multipart requests)")] = None,
+    max_native_tokens: Annotated[int | None, Query(ge=0)] = None,
+) -> BatchResponse:
+    items, parsed = await batch_items(request, core)
+    if parsed is not None:
+        model = parsed.model or model
+        if parsed.max_native_tokens is not None:
+            max_native_tokens = parsed.max_native_tokens
+    core.check_batch(len(items))
+    core.model(model)  # an unknown model fails the whole request (404), not every item
+
+    async def one(data: bytes | ScoringError) -> ScoreResult:
+        if isinstance(data, ScoringError):
+            raise data
+        return await core.score(data, model=model, max_native_tokens=max_native_tokens)
+
+    outcomes = await asyncio.gather(*(one(data) for _, data in items), return_exceptions=True)
+    results = []
+    for (item_id, _), outcome in zip(items, outcomes, strict=True):
+        if isinstance(outcome, ScoringError):
+            core.metrics.rejected.labels(outcome.code).inc()
+            results.append(
+                BatchResult(id=item_id, error=ItemError(code=outcome.code, message=outcome.message))
             )
+        elif isinstance(outcome, BaseException):
+            results.append(
+                BatchResult(id=item_id, error=ItemError(code="internal", message=type(outcome).__name__))
+            )
+        else:
+            r = to_response(outcome)
+            results.append(
+                BatchResult(
+                    id=item_id,
+                    score=r.score,
+                    model=r.model,
+                    model_version=r.model_version,
+                    tokens=r.tokens,
+                    distribution=r.distribution,
+                )
+            )
+    return BatchResponse(results=results)
+
+
+@scoring.get("/models", summary="Loaded models and their metadata", responses=error_responses(401))
+async def models(core: Core) -> dict[str, Any]:
+    return {
+        "default": core.default,
+        "models": [
+            {
+                "name": s.runtime.name,
+                "path": str(s.runtime.path),
+                "providers": s.runtime.providers,
+                "metadata": dict(vars(s.runtime.metadata)),
+            }
+            for s in core.models.values()
+        ],
+    }
+
+
+operations = APIRouter()
+
+
+@operations.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+async def prometheus(core: Core) -> Response:
+    return Response(generate_latest(core.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@operations.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@operations.get(
+    "/readyz",
+    summary="Readiness: every model loaded and warmed up",
+    responses={
+        200: {"model": ReadyResponse},
+        **error_responses(503, texts={503: "not ready; see Retry-After"}),
+    },
+)
+async def readyz(core: Core) -> JSONResponse:
+    if core.serving:
+        return JSONResponse({"status": "ready", "models": sorted(core.models)})
+    return error(503, "not_ready", core.not_serving_reason(), retry_after_s=1)
+
+
+@operations.get("/", include_in_schema=False)
+async def index() -> FileResponse:
+    """The web page: pick or drop images, see scores, heatmaps and a ranking (no CDN, no build)."""
+    return FileResponse(STATIC / "index.html")
+
+
+# --- the app -------------------------------------------------------------------------------------
+
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+@asynccontextmanager
+async def core_lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """REST alone: the core starts and stops with the app (`service/app.py` adds gRPC)."""
+    core = core_of(app)
+    await core.start()
+    try:
         yield
-        if grpc_server is not None:
-            await stop_grpc(grpc_server, settings.shutdown_grace_s)
+    finally:
         await core.stop()
 
+
+def create_app(
+    settings: ServiceSettings | None = None,
+    *,
+    core: ScoringCore | None = None,
+    lifespan: Lifespan | None = None,
+) -> FastAPI:
+    """The REST app over `core` (default: a new one over `settings`). `lifespan` runs around serving
+    (default: start and stop the core); the composition root (`service/app.py`) passes one that also
+    runs gRPC. Routes read the core, settings and API keys from `app.state` through dependencies."""
+    if core is None:
+        core = ScoringCore(settings or ServiceSettings())
+    settings = core.settings
+    api_keys = ApiKeys.from_settings(settings)
     app = FastAPI(
         title="MUSIQ image quality",
         version=package_version(),
         description="Multi-scale image quality transformer (Ke et al., ICCV 2021), scored at native resolution.",
-        lifespan=lifespan,
-        dependencies=[Depends(rest_api_key_dependency(api_keys))],
+        lifespan=lifespan or core_lifespan,
+        dependencies=[Depends(api_key)],
     )
     app.state.core = core
-    metrics = core.metrics
-
-    @app.exception_handler(ScoringError)
-    async def scoring_error(request: Request, exc: ScoringError) -> JSONResponse:
-        metrics.rejected.labels(exc.code).inc()
-        return error(exc.status, exc.code, exc.message, exc.retry_after_s)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.rejected.labels("bad_request").inc()
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        return error(400, "bad_request", f"{where}: {first.get('msg', 'invalid request')}")
-
-    cap = settings.max_native_tokens if settings.max_native_tokens >= 0 else None
-    # Defaults, not Annotated: `cap` is known only here, and these annotations are never evaluated.
-    native_tokens = Query(
-        None,
-        ge=0,
-        le=cap,
-        description="cap on native-resolution tokens (a model's own cap may be lower: 400)",
-    )
-    model_name = Query(None, description="model name (default: the server's default)")
-    # What scoring one image can answer besides 200 (core, body reading, media types, API keys).
-    scoring_errors = (400, 401, 404, 408, 413, 415, 429, 503, 504)
-
-    @app.post(
-        "/v1/score",
-        response_model=ScoreResponse,
-        summary="Score one image",
-        description="Send the image as the raw body (Content-Type image/* or application/octet-stream) "
-        "or as multipart field `image`.",
-        responses=error_responses(*scoring_errors),
-        openapi_extra=IMAGE_BODY,
-    )
-    async def score(
-        request: Request, model: str | None = model_name, max_native_tokens: int | None = native_tokens
-    ) -> ScoreResponse:
-        data = await image_bytes(request, settings.max_body_bytes)
-        work = core.score(data, model=model, max_native_tokens=max_native_tokens)
-        return to_response(await unless_disconnected(request, work))
-
-    @app.post(
-        "/v1/explain",
-        response_model=ExplainResponse,
-        summary="Score one image and show where the model looked",
-        description="Same body forms as /v1/score. Adds, for each scale, the CLS attention rollout on "
-        "that scale's patch grid and a PNG heatmap of it over the image. Needs the model's explanation "
-        "graph (NAME.rollout.onnx beside NAME.onnx); bounded apart from scoring (MUSIQ_EXPLAIN_*).",
-        responses=error_responses(
-            *scoring_errors,
-            texts={
-                404: "unknown model, or the model has no explanation graph",
-                429: "overloaded, or too many explanations waiting; see Retry-After",
-            },
-        ),
-        openapi_extra=IMAGE_BODY,
-    )
-    async def explain(
-        request: Request, model: str | None = model_name, max_native_tokens: int | None = native_tokens
-    ) -> ExplainResponse:
-        data = await image_bytes(request, settings.max_body_bytes)
-        work = core.explain(data, model=model, max_native_tokens=max_native_tokens)
-        return to_explain_response(await unless_disconnected(request, work))
-
-    @app.post(
-        "/v1/score:batch",
-        response_model=BatchResponse,
-        summary="Score many images",
-        description="JSON `{items: [{id, image: base64}], model?, max_native_tokens?}`, or multipart with "
-        "one file per image (the file name is the id). Results come in request order; a bad item gets its "
-        "own error and does not fail the others.",
-        responses=error_responses(
-            400,
-            401,
-            404,
-            408,
-            413,
-            415,
-            texts={
-                400: "bad JSON, an empty batch, bad multipart, a parameter out of range",
-                413: "body too large, or too many items",
-                415: "neither application/json nor multipart/form-data",
-            },
-        ),
-        openapi_extra=batch_body(settings.max_batch_items),
-    )
-    async def score_batch(
-        request: Request,
-        model: Annotated[str | None, Query(description="model name (multipart requests)")] = None,
-        max_native_tokens: Annotated[int | None, Query(ge=0)] = None,
-    ) -> BatchResponse:
-        limit = settings.max_batch_items
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await read_body(request, settings.max_body_bytes)
-        items: list[tuple[str, bytes | ScoringError]] = []
-        if ctype == "application/json":
-            try:
-                parsed = BatchRequest.model_validate_json(body)
-            except ValidationError as exc:  # described without echoing the input back
-                first = exc.errors(include_input=False, include_url=False)[0]
-                where = ".".join(str(p) for p in first.get("loc", ())) or "body"
-                raise ScoringError(
-                    400, "bad_request", f"invalid batch JSON: {where}: {first['msg']}"
-                ) from exc
-            model = parsed.model or model
-            max_native_tokens = (
-                parsed.max_native_tokens if parsed.max_native_tokens is not None else max_native_tokens
-            )
-            for it in parsed.items:
-                try:
-                    items.append((it.id, base64.b64decode(it.image, validate=True)))
-                except (binascii.Error, ValueError):
-                    items.append((it.id, ScoringError(400, "bad_base64", "image is not valid base64")))
-        elif ctype == "multipart/form-data":
-            form = await parse_form(request, body, max_files=limit)
-            for key, value in form.multi_items():
-                if not isinstance(value, str):
-                    items.append((value.filename or key, await value.read()))
-        else:
-            raise ScoringError(415, "unsupported_media_type", "send application/json or multipart/form-data")
-        core.check_batch(len(items))
-        core.model(model)  # an unknown model fails the whole request (404), not every item
-
-        async def one(data: bytes | ScoringError) -> ScoreResult:
-            if isinstance(data, ScoringError):
-                raise data
-            return await core.score(data, model=model, max_native_tokens=max_native_tokens)
-
-        outcomes = await asyncio.gather(*(one(data) for _, data in items), return_exceptions=True)
-        results = []
-        for (item_id, _), outcome in zip(items, outcomes, strict=True):
-            if isinstance(outcome, ScoringError):
-                metrics.rejected.labels(outcome.code).inc()
-                results.append(
-                    BatchResult(id=item_id, error=ItemError(code=outcome.code, message=outcome.message))
-                )
-            elif isinstance(outcome, BaseException):
-                results.append(
-                    BatchResult(id=item_id, error=ItemError(code="internal", message=type(outcome).__name__))
-                )
-            else:
-                r = to_response(outcome)
-                results.append(
-                    BatchResult(
-                        id=item_id,
-                        score=r.score,
-                        model=r.model,
-                        model_version=r.model_version,
-                        tokens=r.tokens,
-                        distribution=r.distribution,
-                    )
-                )
-        return BatchResponse(results=results)
-
-    @app.get("/v1/models", summary="Loaded models and their metadata", responses=error_responses(401))
-    async def models() -> dict[str, Any]:
-        return {
-            "default": core.default,
-            "models": [
-                {
-                    "name": s.runtime.name,
-                    "path": str(s.runtime.path),
-                    "providers": s.runtime.providers,
-                    "metadata": {k: v for k, v in vars(s.runtime.metadata).items()},
-                }
-                for s in core.models.values()
-            ],
-        }
-
-    @app.get("/metrics", summary="Prometheus metrics", include_in_schema=False)
-    async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/healthz", summary="Liveness")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz",
-        summary="Readiness: every model loaded and warmed up",
-        responses={
-            200: {"model": ReadyResponse},
-            **error_responses(503, texts={503: "not ready; see Retry-After"}),
-        },
-    )
-    async def readyz() -> JSONResponse:
-        if core.serving:
-            return JSONResponse({"status": "ready", "models": sorted(core.models)})
-        return error(503, "not_ready", core.not_serving_reason(), retry_after_s=1)
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        """The web page: pick or drop images, see scores, heatmaps and a ranking (no CDN, no build)."""
-        return FileResponse(STATIC / "index.html")
-
+    app.state.api_keys = api_keys
+    app.add_exception_handler(ScoringError, scoring_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.include_router(scoring)
+    app.include_router(operations)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    app.add_middleware(RequestMetrics, metrics=metrics)
-    app.openapi = lambda: app.openapi_schema or openapi_document(app, settings, api_keys)  # type: ignore[method-assign]
+    app.add_middleware(RequestMetrics, metrics=core.metrics)
+
+    def openapi() -> dict[str, Any]:
+        return app.openapi_schema or openapi_document(app, settings, api_keys)
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema
     return app
 
 
 def openapi_document(app: FastAPI, settings: ServiceSettings, api_keys: ApiKeys) -> dict[str, Any]:
-    """FastAPI's document, completed with what it cannot see: the batch body's models (with the
-    configured item limit), no 422 (request validation errors are answered 400 here), and the API
-    key schemes where keys are configured."""
+    """FastAPI's document, completed with what it cannot see: the configured limits (batch items,
+    native-token cap), the batch body's models, no 422 (request validation errors are answered 400
+    here), and the API key schemes where keys are configured."""
     doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     batch = BatchRequest.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -636,11 +708,17 @@ def openapi_document(app: FastAPI, settings: ServiceSettings, api_keys: ApiKeys)
     schemas["BatchRequest"] = batch
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
+    multipart = doc["paths"]["/v1/score:batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    multipart["schema"]["properties"]["images"]["maxItems"] = settings.max_batch_items
     for path, operations in doc["paths"].items():
         for operation in operations.values():
             operation["responses"].pop("422", None)
             if api_keys.enabled and path.startswith("/v1/"):
                 operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+            if path in ("/v1/score", "/v1/explain") and settings.max_native_tokens >= 0:
+                for parameter in operation.get("parameters", ()):
+                    if parameter["name"] == "max_native_tokens":
+                        parameter["schema"]["anyOf"][0]["maximum"] = settings.max_native_tokens
     if api_keys.enabled:
         doc["components"]["securitySchemes"] = {
             "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},

@@ -124,7 +124,8 @@ class ModelRuntime:
 
     @property
     def providers(self) -> list[str]:
-        return self.session.get_providers()
+        providers: list[str] = self.session.get_providers()
+        return providers
 
     def padded_length(self, tokens: int) -> int:
         m = self.options.pad_multiple

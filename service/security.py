@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 from fastapi import Request
 
-from service.core import ScoringError
+from service.errors import ScoringError
 from service.settings import ServiceSettings
 
 PROTECTED_PREFIX = "/v1/"
@@ -73,31 +74,30 @@ def presented_key(x_api_key: str | None, authorization: str | None) -> str | Non
     return None
 
 
-def rest_api_key_dependency(keys: ApiKeys) -> Callable[[Request], Awaitable[None]]:
-    """An app-wide FastAPI dependency: runs before the body is read, so a refused client sends none."""
-
-    async def require_api_key(request: Request) -> None:
-        if not keys.enabled or not request.url.path.startswith(PROTECTED_PREFIX):
-            return
-        key = presented_key(request.headers.get("x-api-key"), request.headers.get("authorization"))
-        if key is None:
-            raise ScoringError(
-                401, "missing_api_key", "send an API key as X-API-Key or Authorization: Bearer"
-            )
-        if not keys.accepts(key):
-            raise ScoringError(401, "invalid_api_key", "the API key is not valid")
-
-    return require_api_key
+def check_api_key(keys: ApiKeys, request: Request) -> None:
+    """The REST check (an app-wide dependency in service/rest.py): runs before the body is read,
+    so a refused client sends none."""
+    if not keys.enabled or not request.url.path.startswith(PROTECTED_PREFIX):
+        return
+    key = presented_key(request.headers.get("x-api-key"), request.headers.get("authorization"))
+    if key is None:
+        raise ScoringError("missing_api_key", "send an API key as X-API-Key or Authorization: Bearer")
+    if not keys.accepts(key):
+        raise ScoringError("invalid_api_key", "the API key is not valid")
 
 
-class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc has no type information: Any
     """Refuses calls to the scoring service without a valid key (UNAUTHENTICATED)."""
 
     def __init__(self, keys: ApiKeys, protected: Sequence[str] = PROTECTED_GRPC_SERVICES) -> None:
         self.keys = keys
         self.protected = tuple(protected)
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         service = handler_call_details.method.lstrip("/").split("/")[0]
         if handler is None or not self.keys.enabled or service not in self.protected:
@@ -116,7 +116,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same shape as `handler` that only aborts with UNAUTHENTICATED."""
 
-    async def refuse(request_or_iterator, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def refuse(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     make = {

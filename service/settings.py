@@ -82,7 +82,7 @@ class ServiceSettings(BaseSettings):
     explain_max_tokens: int = Field(1024, description="largest packed image an explanation accepts")
     explain_display_side: int = Field(512, description="longest side of a heatmap PNG, in pixels")
 
-    # Reliability and security (tests/reliability/README.md, README "Security").
+    # Reliability and security (tests/reliability/README.md, docs/security.md).
     max_in_progress: int = Field(
         256, description="requests decoding, queued or running at once; beyond it 429 before any decoding"
     )

@@ -53,6 +53,15 @@ class Gated:
         return runtime
 
     @contextmanager
+    def closed(self) -> Iterator[None]:
+        """While inside, every inference waits at the gate."""
+        self._open.clear()
+        try:
+            yield
+        finally:
+            self._open.set()
+
+    @contextmanager
     def holding(self, core: Any, send: Callable[[], Any]) -> Iterator[Future[Any]]:
         """Closes the gate, runs `send` (a request) in a thread until its image is in inference,
         yields its future, then opens the gate again."""

@@ -77,7 +77,7 @@ def start_server(settings: Any, **app_options: Any) -> tuple[Any, threading.Thre
     import httpx
     import uvicorn
 
-    from service.rest import create_app
+    from service.app import create_app
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

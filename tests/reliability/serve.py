@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-# What `musiq serve` logs once it listens (uvicorn's own line; the gRPC line comes from service/rest.py).
+# What `musiq serve` logs once it listens (uvicorn's own line; the gRPC line comes from service/app.py).
 HTTP_LISTENING = re.compile(r"Uvicorn running on (http://\S+:\d+)")
 GRPC_LISTENING = re.compile(r"gRPC server running on \S+:(\d+)")
 
