@@ -15,6 +15,7 @@ import dataclasses
 import io
 import statistics
 import time
+from collections.abc import Callable
 from functools import partial
 
 import numpy as np
@@ -27,7 +28,7 @@ from service.runtime import ModelRuntime, RuntimeOptions
 from service.settings import EMBEDDED_ONNX
 
 
-def median_ms(fn, runs: int) -> float:  # type: ignore[no-untyped-def]
+def median_ms(fn: Callable[[], object], runs: int) -> float:
     fn()  # warm-up (first-run allocations, resize weights)
     times = []
     for _ in range(runs):

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from bench.workload import MIXED_RESIZED, BenchImage
 from model.config import OFFICIAL
 from model.packing import PackedImage, collate, compact, pack
 from service.batcher import Batcher, BatcherConfig
+
+if TYPE_CHECKING:  # torch is imported where used
+    from model.network import Musiq
 
 SIZES = {"512x384": [(512, 384)], "mixed": [(481, 321), (321, 481), *MIXED_RESIZED]}
 
@@ -76,7 +79,7 @@ def gpu_name() -> str:
     return "no GPU found"
 
 
-def random_official():  # type: ignore[no-untyped-def]
+def random_official() -> Musiq:
     """The official-size network, seeded random weights (a spread head, so scores are not all 0)."""
     import torch
 

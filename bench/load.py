@@ -19,12 +19,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from bench.workload import BenchImage
 
 if TYPE_CHECKING:  # httpx is imported where used: the GPU script runs where it may be missing
     import httpx
+
+    from service.gen.quality_pb2_grpc import QualityStub
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,8 +134,8 @@ def serve(model: Path, env: dict[str, str] | None = None, log: Path | None = Non
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if log:
-            out.close()  # type: ignore[union-attr]
+        if not isinstance(out, int):  # a log file, not subprocess.DEVNULL
+            out.close()
 
 
 def rest_sender(client: httpx.AsyncClient, url: str) -> Send:
@@ -150,7 +153,7 @@ def rest_sender(client: httpx.AsyncClient, url: str) -> Send:
     return send
 
 
-def grpc_sender(stub, pb) -> Send:  # type: ignore[no-untyped-def]
+def grpc_sender(stub: QualityStub, pb: ModuleType) -> Send:
     async def send(image: BenchImage) -> Record:
         start = time.perf_counter()
         reply = await stub.Score(pb.ScoreRequest(image=image.data))

@@ -8,6 +8,7 @@ Files are cached by seed and preset: exporting takes minutes on 2 cores, once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 PRECISIONS = ("fp32", "int8")
@@ -16,7 +17,7 @@ PRECISIONS = ("fp32", "int8")
 BENCH_SHAPES = ((1, 1, "none"), (8, 64, "heavy"), (5, 385, "heavy"), (2, 1500, "heavy"))
 
 
-def official_models(cache: Path, seed: int = 0, log=print) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+def official_models(cache: Path, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Path]:
     """{precision: ONNX path}, exporting what the cache lacks."""
     paths = {p: cache / f"musiq-official-seed{seed}.{p}.onnx" for p in PRECISIONS}
     if all(p.is_file() for p in paths.values()):

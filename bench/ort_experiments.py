@@ -31,7 +31,7 @@ from bench.workload import load_mix
 from model.config import OFFICIAL
 from model.decode import decode_image
 from model.flops import forward_flops
-from model.packing import compact, pack
+from model.packing import PackedImage, compact, pack
 from service.runtime import ModelRuntime, RuntimeOptions
 
 
@@ -151,7 +151,7 @@ def main() -> None:
             print(f"  {precision} ({ms:.1f} ms per run, profiled): {top}")
 
 
-def operator_profile(path: Path, packed, runs: int) -> tuple[list[tuple[str, float]], float]:  # type: ignore[no-untyped-def]
+def operator_profile(path: Path, packed: PackedImage, runs: int) -> tuple[list[tuple[str, float]], float]:
     """ONNX Runtime's own per-operator profile: (operator type, share of kernel time), largest
     first, and the mean profiled run in ms (profiling adds a little to every operator)."""
     import json

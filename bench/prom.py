@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -81,7 +82,7 @@ def busy(text: str) -> float:
 def parse(text: str, model: str | None = None) -> Scrape:
     """The batching metrics in a /metrics page; `model` picks one model's series (default: all summed)."""
     counters: dict[str, float] = {"musiq_real_tokens": 0.0, "musiq_computed_tokens": 0.0}
-    hists: dict[str, dict[str, dict[float, float] | float]] = {}
+    hists: dict[str, dict[str, Any]] = {}  # {"buckets": {le: count}, "sum": float, "count": float}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             if model is not None and s.labels.get("model") not in (None, model):
@@ -96,15 +97,15 @@ def parse(text: str, model: str | None = None) -> Scrape:
                     le = float(s.labels["le"])
                     buckets[le] = buckets.get(le, 0.0) + s.value
                 elif s.name == f"{h}_sum":
-                    entry["sum"] = float(entry["sum"]) + s.value  # type: ignore[arg-type]
+                    entry["sum"] = float(entry["sum"]) + s.value
                 elif s.name == f"{h}_count":
-                    entry["count"] = float(entry["count"]) + s.value  # type: ignore[arg-type]
+                    entry["count"] = float(entry["count"]) + s.value
 
     def histogram(name: str) -> Histogram:
         entry = hists.get(name, {"buckets": {}, "sum": 0.0, "count": 0.0})
         buckets = entry["buckets"]
         assert isinstance(buckets, dict)
-        return Histogram(tuple(sorted(buckets.items())), float(entry["sum"]), float(entry["count"]))  # type: ignore[arg-type]
+        return Histogram(tuple(sorted(buckets.items())), float(entry["sum"]), float(entry["count"]))
 
     return Scrape(
         counters["musiq_real_tokens"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,7 +21,7 @@ REQUIREMENTS = ("torch==2.13.0", "torchvision==0.28.0", "pyiqa==0.1.16")
 STAMP = VENV / ".installed"
 
 
-def ensure(venv: Path = VENV, log=print) -> Path:  # type: ignore[no-untyped-def]
+def ensure(venv: Path = VENV, log: Callable[[str], None] = print) -> Path:
     """The virtualenv's python, installing it when the stamp (the pinned requirements) differs."""
     python = venv / "bin" / "python"
     wanted = "\n".join(REQUIREMENTS)
@@ -36,7 +37,9 @@ def ensure(venv: Path = VENV, log=print) -> Path:  # type: ignore[no-untyped-def
     return python
 
 
-def forward_times(images: list[Path], runs: int, threads: int = 0, log=print) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def forward_times(
+    images: list[Path], runs: int, threads: int = 0, log: Callable[[str], None] = print
+) -> dict[str, object]:
     """pyiqa's per-image forward seconds ({"seconds": {path: [s, ...]}, "torch", ...})."""
     python = ensure(log=log)
     cmd = [str(python), str(REPO / "bench" / "pyiqa_forward.py"), "--runs", str(runs)]

@@ -20,9 +20,10 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -164,8 +165,13 @@ def _batching(scrape: prom.Scrape) -> dict[str, Any]:
 
 
 async def _service_mix(
-    server: load.Server, model_name: str, images: list[BenchImage], plan: Plan, mix: str, log
-) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    server: load.Server,
+    model_name: str,
+    images: list[BenchImage],
+    plan: Plan,
+    mix: str,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     import grpc
 
     from service.gen import quality_pb2, quality_pb2_grpc
@@ -210,7 +216,7 @@ async def _service_mix(
     return result
 
 
-def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def run(plan: Plan, out: Path, cache: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs every phase and writes results.json; returns the results."""
     from bench.models import official_models
 
@@ -246,10 +252,10 @@ def run(plan: Plan, out: Path, cache: Path, log=print) -> dict[str, Any]:  # typ
         paths = {mix: write_files(ims, cache / "images" / mix) for mix, ims in images.items()}
         flat = [p for ps in paths.values() for p in ps]
         raw = pyiqa_env.forward_times(flat, plan.pyiqa_runs, log=log)
-        seconds = raw.pop("seconds")
+        seconds = cast(dict[str, list[float]], raw.pop("seconds"))
         results["pyiqa"] = {
             **raw,
-            "forward_s": {Path(p).stem: _median(v) for p, v in seconds.items()},  # type: ignore[union-attr]
+            "forward_s": {Path(p).stem: _median(v) for p, v in seconds.items()},
         }
         log(f"pyiqa: {results['pyiqa']['forward_s']}")
 

@@ -26,7 +26,7 @@ import httpx
 from bench import load
 from bench.models import official_models
 from bench.run import BENCH_SERVER_ENV
-from bench.workload import MIXES, load_mix
+from bench.workload import MIXES, BenchImage, load_mix
 from model.config import OFFICIAL
 
 
@@ -42,7 +42,7 @@ def _peak_rss_mib(pid: int) -> float:
     return float("nan")
 
 
-async def _measure(url: str, images, clients: int, seconds: float) -> load.Phase:  # type: ignore[no-untyped-def]
+async def _measure(url: str, images: list[BenchImage], clients: int, seconds: float) -> load.Phase:
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
         send = load.rest_sender(client, url)

@@ -10,6 +10,11 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used
+    import onnxruntime as ort
+    from onnx import ValueInfoProto
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -91,12 +96,12 @@ def sgemm_gflops(n: int = 2048, runs: int = 7) -> tuple[float, str]:
     return best
 
 
-def _ort_matmul(n: int):  # type: ignore[no-untyped-def]
+def _ort_matmul(n: int) -> ort.InferenceSession:
     """A one-node ONNX Runtime session computing a @ b for float32 n x n inputs."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    def value(name: str):  # type: ignore[no-untyped-def]
+    def value(name: str) -> ValueInfoProto:
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, [n, n])
 
     graph = helper.make_graph(

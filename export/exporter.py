@@ -29,7 +29,8 @@ from export.metadata import ModelMetadata
 from export.optimize import fuse, fused_op_counts, to_fp16, to_fp16_weights, to_int8
 from export.verify import SHAPES, ShapeCheck, check_shapes, compare_precision, photo_scores
 from model.checkpoint import file_sha256, load_checkpoint
-from model.network import build_model
+from model.config import PackingConfig
+from model.network import Musiq, build_model
 
 # fp32 ONNX against PyTorch: the two round differently (fused kernels, other summation orders) and
 # the difference grows with the size of the outputs, so the bound does too:
@@ -223,15 +224,15 @@ def export_checkpoint(
     return result
 
 
-def _export_rollout(  # type: ignore[no-untyped-def]
-    model,
+def _export_rollout(
+    model: Musiq,
     output: Path,
     metadata: ModelMetadata,
     opset: int,
-    shapes,
-    log,
+    shapes: Sequence[tuple[int, int, str]],
+    log: Callable[[str], None],
     weights: str,
-    images,
+    images: Sequence[np.ndarray],
     tolerance: float | None = None,
 ) -> Path:
     """The explanation graph: fp32 compute, unfused attention (it must expose the probabilities).
@@ -292,8 +293,11 @@ def _export_rollout(  # type: ignore[no-untyped-def]
     return path
 
 
-def rollout_agreement(  # type: ignore[no-untyped-def]
-    reference: ort.InferenceSession, candidate: ort.InferenceSession, images: Sequence[np.ndarray], packing
+def rollout_agreement(
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession,
+    images: Sequence[np.ndarray],
+    packing: PackingConfig,
 ) -> dict[str, float]:
     """How closely two rollout graphs agree on real photos: per-image Pearson correlation of the
     token weights (the heatmap's pattern), the largest difference relative to the image's largest

@@ -34,7 +34,7 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -42,6 +42,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from export.metadata import LINKED_CHECKPOINT as LINK_PROP  # {"location", "sha256"} of the checkpoint
 from model.checkpoint import CheckpointError, file_sha256, read_header
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 MIN_BYTES = 512  # smaller initializers stay inline (a reference costs about 100 bytes)
 _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None, "F64": np.float64, "I64": np.int64}
@@ -335,7 +338,7 @@ def _sample_feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
     return feeds
 
 
-def _session(model: str | bytes):  # type: ignore[no-untyped-def]
+def _session(model: str | bytes) -> ort.InferenceSession:
     import onnxruntime as ort
 
     options = ort.SessionOptions()

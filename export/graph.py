@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,14 @@ class _FusedAttentionFn(torch.autograd.Function):
     """Eager: the same math as `Attention`; ONNX: one `com.microsoft.Attention` node."""
 
     @staticmethod
-    def forward(ctx, x, qkv_weight, qkv_bias, key_mask, num_heads):  # type: ignore[override]
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        qkv_weight: torch.Tensor,
+        qkv_bias: torch.Tensor,
+        key_mask: torch.Tensor,
+        num_heads: int,
+    ) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = (x @ qkv_weight + qkv_bias).split(d, dim=-1)
 
@@ -56,7 +63,14 @@ class _FusedAttentionFn(torch.autograd.Function):
         return y.transpose(1, 2).reshape(b, n, d)
 
     @staticmethod
-    def symbolic(g, x, qkv_weight, qkv_bias, key_mask, num_heads):  # type: ignore[no-untyped-def]
+    def symbolic(
+        g: Any,  # the TorchScript exporter's GraphContext, in a private module that moves between releases
+        x: torch.Value,
+        qkv_weight: torch.Value,
+        qkv_bias: torch.Value,
+        key_mask: torch.Value,
+        num_heads: int,
+    ) -> torch.Value:
         out = g.op("com.microsoft::Attention", x, qkv_weight, qkv_bias, key_mask, num_heads_i=num_heads)
         out.setType(x.type())  # same shape and dtype as the input: lets shape inference continue
         return out
@@ -83,13 +97,19 @@ class _SamePadConvFn(torch.autograd.Function):
     """Eager: explicit "SAME" pad, then the convolution; ONNX: one Conv with asymmetric `pads`."""
 
     @staticmethod
-    def forward(ctx, x, weight, pads, stride):  # type: ignore[override]
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, pads: tuple[int, int, int, int], stride: int
+    ) -> torch.Tensor:
         return F.conv2d(F.pad(x, pads), weight, None, stride)
 
     @staticmethod
-    def symbolic(g, x, weight, pads, stride):  # type: ignore[no-untyped-def]
+    def symbolic(
+        g: Any, x: torch.Value, weight: torch.Value, pads: tuple[int, int, int, int], stride: int
+    ) -> torch.Value:
         left, right, top, bottom = pads
-        k = weight.type().sizes()[-1]
+        sizes = cast(torch.TensorType, weight.type()).sizes()  # a traced weight: its shape is known
+        assert sizes is not None
+        k = sizes[-1]
         return g.op(
             "Conv",
             x,
@@ -105,11 +125,11 @@ class _SamePadMaxPoolFn(torch.autograd.Function):
     the same here because its input is post-ReLU (>= 0) and every window holds a real value."""
 
     @staticmethod
-    def forward(ctx, x, pads):  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:
         return F.max_pool2d(F.pad(x, pads), 3, 2)
 
     @staticmethod
-    def symbolic(g, x, pads):  # type: ignore[no-untyped-def]
+    def symbolic(g: Any, x: torch.Value, pads: tuple[int, int, int, int]) -> torch.Value:
         left, right, top, bottom = pads
         return g.op("MaxPool", x, kernel_shape_i=[3, 3], strides_i=[2, 2], pads_i=[top, left, bottom, right])
 
@@ -194,7 +214,9 @@ class ScoringGraph(nn.Module):
             return head_score(raw, self.head), raw.softmax(dim=-1)
         return (raw,)
 
-    def forward(self, patches, spatial, scale, mask):  # type: ignore[no-untyped-def]
+    def forward(
+        self, patches: torch.Tensor, spatial: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         return self._outputs(self.model(patches.float(), spatial, scale, mask))
 
 
@@ -207,7 +229,9 @@ class RolloutGraph(ScoringGraph):
     def output_names(self) -> tuple[str, ...]:
         return (*super().output_names(), "rollout")
 
-    def forward(self, patches, spatial, scale, mask):  # type: ignore[no-untyped-def]
+    def forward(
+        self, patches: torch.Tensor, spatial: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, ...]:
         raw, rollout = self.model.attention_rollout(patches.float(), spatial, scale, mask)
         return (*self._outputs(raw), rollout)
 

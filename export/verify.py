@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from model.config import PackingConfig
 from model.network import Musiq
 from model.packing import PackedBatch, collate, pack
 
@@ -145,7 +146,9 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
-def photo_scores(session: ort.InferenceSession, images: Sequence[np.ndarray], packing) -> np.ndarray:  # type: ignore[no-untyped-def]
+def photo_scores(
+    session: ort.InferenceSession, images: Sequence[np.ndarray], packing: PackingConfig
+) -> np.ndarray:
     key = "score" if any(o.name == "score" for o in session.get_outputs()) else "logits"
     return np.array([ort_outputs(session, collate([pack(img, packing)]))[key][0] for img in images]).reshape(
         len(images), -1

@@ -13,6 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors import SafetensorError
@@ -138,7 +139,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | os.PathLike[str]) -> Pat
     return path
 
 
-def read_header(path: str | os.PathLike[str]) -> tuple[dict, int]:
+def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int]:
     """A safetensors file's JSON header, and where its data section starts (the tensors' offsets
     count from there), without reading the tensors."""
     path = Path(path)

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -182,7 +183,8 @@ def write_records(records: list[dict[str, object]], fmt: str, output: str | None
     import io
 
     if rank:
-        records = sorted(records, key=lambda r: -float(r.get("score", float("-inf"))))  # type: ignore[arg-type]
+        # A record's values are typed object; its score is a float.
+        records = sorted(records, key=lambda r: -float(cast(float, r.get("score", float("-inf")))))
         records = [{"rank": i, **r} for i, r in enumerate(records, start=1)]
     buf = io.StringIO()
     if fmt == "jsonl":

@@ -406,7 +406,10 @@ def _decode_jpeg(fp: IO[bytes]) -> np.ndarray:
     fp.seek(0)
     data = fp.read()
     try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True)
+        pixels: np.ndarray = simplejpeg.decode_jpeg(
+            data, colorspace="RGB", fastdct=True, fastupsample=False, strict=True
+        )  # simplejpeg has no type hints
+        return pixels
     except MemoryError:
         raise
     except Exception as exc:  # ValueError for corrupt data; anything else is corruption too

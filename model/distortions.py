@@ -313,7 +313,8 @@ def _quantize(image: np.ndarray, levels: float, rng: np.random.Generator) -> np.
     # Round to the nearest of `levels` evenly spaced values that include 0 and 255: unbiased, so
     # the distortion is banding and lost colours, not a brightness shift.
     step = 255.0 / (int(levels) - 1)
-    return _lut(np.rint(_CODE / step) * step)[image]
+    quantized: np.ndarray = _lut(np.rint(_CODE / step) * step)[image]
+    return quantized
 
 
 _DISTORTIONS: Final[dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndarray]]] = {
@@ -360,7 +361,8 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 
 def _lut(values: np.ndarray) -> np.ndarray:
     """A 256-entry uint8 lookup table from float values (rounded and clipped)."""
-    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    table: np.ndarray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return table
 
 
 def _luma(image: np.ndarray) -> np.ndarray:
@@ -371,7 +373,8 @@ def _luma(image: np.ndarray) -> np.ndarray:
 
 def _exposure(image: np.ndarray, stops: float) -> np.ndarray:
     linear = (_CODE / 255.0) ** _GAMMA * 2.0**stops
-    return _lut(255.0 * np.minimum(linear, 1.0) ** (1.0 / _GAMMA))[image]
+    exposed: np.ndarray = _lut(255.0 * np.minimum(linear, 1.0) ** (1.0 / _GAMMA))[image]
+    return exposed
 
 
 def _scaled(width: int, height: int, factor: float) -> tuple[int, int]:

@@ -78,7 +78,8 @@ def logistic4(x: Any, params: Sequence[float] | np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     params = np.asarray(params, dtype=np.float64)
     if params.shape == (2,):
-        return params[0] * x + params[1]
+        line: np.ndarray = params[0] * x + params[1]
+        return line
     if params.shape != (4,):
         raise ValueError(f"expected 4 logistic parameters (or 2 linear ones), got shape {params.shape}")
     return _logistic4_curve(x, *params)
@@ -121,16 +122,17 @@ def logistic4_fit(pred: Any, mos: Any, *, p0: Sequence[float] | np.ndarray | Non
             params, _ = optimize.curve_fit(_logistic4_curve, pred, mos, p0=list(p0), maxfev=MAXFEV)
     except (RuntimeError, ValueError, TypeError, np.linalg.LinAlgError):
         return _linear_fit(pred, mos)
-    params = np.asarray(params, dtype=np.float64)
-    if not np.isfinite(params).all() or params[3] == 0 or not np.isfinite(logistic4(pred, params)).all():
+    fitted = np.asarray(params, dtype=np.float64)
+    if not np.isfinite(fitted).all() or fitted[3] == 0 or not np.isfinite(logistic4(pred, fitted)).all():
         return _linear_fit(pred, mos)
-    return params
+    return fitted
 
 
 def _constant_rows(x: np.ndarray) -> np.ndarray:
     # Exact test on the raw values: after centring, float rounding leaves tiny non-zero residues
     # in a constant row, which would turn into a meaningless correlation instead of nan.
-    return x.max(axis=-1) == x.min(axis=-1)
+    constant: np.ndarray = x.max(axis=-1) == x.min(axis=-1)
+    return constant
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -138,7 +140,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     da = a - a.mean(axis=-1, keepdims=True)
     db = b - b.mean(axis=-1, keepdims=True)
     with np.errstate(divide="ignore", invalid="ignore"):
-        r = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1))
+        r: np.ndarray = (da * db).sum(axis=-1) / np.sqrt((da * da).sum(axis=-1) * (db * db).sum(axis=-1))
     r = np.clip(r, -1.0, 1.0)
     r[_constant_rows(a) | _constant_rows(b)] = np.nan
     return r
@@ -165,7 +167,8 @@ def _kendall(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def _rmse(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.mean((a - b) ** 2, axis=-1))
+    rmse: np.ndarray = np.sqrt(np.mean((a - b) ** 2, axis=-1))
+    return rmse
 
 
 def _all_metrics(pred: np.ndarray, mos: np.ndarray, mapped: np.ndarray) -> dict[str, np.ndarray]:

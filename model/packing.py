@@ -117,14 +117,16 @@ def hash_indices(count: int, grid_size: int) -> np.ndarray:
     """
     scale = np.float32(grid_size) / np.float32(count)
     idx = np.floor(np.arange(count, dtype=np.float32) * scale).astype(np.int32)
-    return np.minimum(idx, grid_size - 1)
+    cells: np.ndarray = np.minimum(idx, grid_size - 1)
+    return cells
 
 
 def spatial_indices(grid_h: int, grid_w: int, grid_size: int) -> np.ndarray:
     """Hashed spatial index of every patch of a grid_h x grid_w grid, row-major, int32."""
     rows = hash_indices(grid_h, grid_size)
     cols = hash_indices(grid_w, grid_size)
-    return (rows[:, None] * grid_size + cols[None, :]).reshape(-1).astype(np.int32)
+    spatial: np.ndarray = (rows[:, None] * grid_size + cols[None, :]).reshape(-1).astype(np.int32)
+    return spatial
 
 
 def _same_padding(size: int, patch: int) -> tuple[int, int, int]:

@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from model.checkpoint import default_score_range, load_checkpoint, save_checkpoint
-from model.config import PRESETS, MusiqConfig
+from model.config import PRESETS, MusiqConfig, PackingConfig
 from model.data import LabelledImages, SyntheticDistortions, collate_batch, read_labels, split_samples
 from model.network import Musiq, build_model, to_checkpoint
+
+ImageDataset = LabelledImages | SyntheticDistortions
 
 
 @dataclass
@@ -149,7 +151,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _datasets(cfg: TrainConfig, packing) -> tuple[Any, Any]:  # type: ignore[no-untyped-def]
+def _datasets(cfg: TrainConfig, packing: PackingConfig) -> tuple[ImageDataset, ImageDataset]:
     """(training dataset, validation samples)."""
     if cfg.synthetic:
         from model.distortions import default_roots, pristine_photos
@@ -172,7 +174,7 @@ def _datasets(cfg: TrainConfig, packing) -> tuple[Any, Any]:  # type: ignore[no-
     )
 
 
-def _loader(dataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:  # type: ignore[no-untyped-def]
+def _loader(dataset: ImageDataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:
     g = torch.Generator().manual_seed(cfg.seed + getattr(dataset, "epoch", 0))
     return DataLoader(
         dataset,
@@ -188,7 +190,7 @@ def _loader(dataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:  # type: ig
 
 
 @torch.inference_mode()
-def evaluate(model: Musiq, dataset, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
+def evaluate(model: Musiq, dataset: ImageDataset, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """(predicted scores, target scores) over a validation dataset."""
     from model.network import head_score
 

@@ -78,7 +78,7 @@ def patch_jpeg_size(data: bytes, width: int, height: int) -> bytes:
 
 def reason_of(source: object, **kwargs: object) -> str:
     with pytest.raises(ImageDecodeError) as info:
-        decode_image(source, **kwargs)  # type: ignore[arg-type]
+        decode_image(source, **kwargs)  # type: ignore[arg-type]  # the tests pass bad sources on purpose
     return info.value.reason
 
 
@@ -606,7 +606,7 @@ def test_accepted_but_unlisted_pillow_format_is_unrecognised() -> None:
 )
 def test_empty_input(make: Callable[[Path], object], tmp_path: Path) -> None:
     with pytest.raises(ImageDecodeError) as info:
-        decode_image(make(tmp_path))  # type: ignore[arg-type]
+        decode_image(make(tmp_path))  # type: ignore[arg-type]  # every kind of source, typed object
     assert info.value.reason == "empty"
     assert "empty" in str(info.value)
 
@@ -732,7 +732,7 @@ def test_pixel_limit_uses_the_stored_size_for_rotated_images() -> None:
 @pytest.mark.parametrize("bad", [0, -1, 1.5, True, None])
 def test_invalid_max_pixels(bad: object) -> None:
     with pytest.raises(ValueError, match="max_pixels") as info:
-        decode_image(_sample_png(), max_pixels=bad)  # type: ignore[arg-type]
+        decode_image(_sample_png(), max_pixels=bad)  # type: ignore[arg-type]  # invalid on purpose
     assert not isinstance(info.value, ImageDecodeError)
 
 
@@ -771,7 +771,7 @@ def test_every_source_kind_gives_the_same_pixels(tmp_path: Path) -> None:
         str(path),
     ]
     for source in sources:
-        np.testing.assert_array_equal(decode_image(source), arr)  # type: ignore[arg-type]
+        np.testing.assert_array_equal(decode_image(source), arr)  # type: ignore[arg-type]  # mixed kinds
     with open(path, "rb") as fh:
         np.testing.assert_array_equal(decode_image(fh), arr)
 
@@ -785,9 +785,9 @@ def test_file_object_is_read_from_its_current_position() -> None:
 
 def test_text_stream_and_other_objects_are_type_errors() -> None:
     with pytest.raises(TypeError, match="binary mode"):
-        decode_image(io.StringIO("abc"))  # type: ignore[arg-type]
+        decode_image(io.StringIO("abc"))  # type: ignore[arg-type]  # the wrong type on purpose
     with pytest.raises(TypeError):
-        decode_image(12345)  # type: ignore[arg-type]
+        decode_image(12345)  # type: ignore[arg-type]  # the wrong type on purpose
 
 
 def test_image_size_reads_the_header_only(tmp_path: Path) -> None:

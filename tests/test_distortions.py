@@ -191,15 +191,15 @@ def test_input_layouts(synthetic: np.ndarray) -> None:
 )
 def test_bad_images_are_rejected(image: object) -> None:
     with pytest.raises(ValueError):
-        distort(image, "jpeg", 1, rng())  # type: ignore[arg-type]
+        distort(image, "jpeg", 1, rng())  # type: ignore[arg-type]  # invalid on purpose
 
 
 @pytest.mark.parametrize("level", [-1, 6, 2.0, True, None])
 def test_bad_levels_are_rejected(synthetic: np.ndarray, level: object) -> None:
     with pytest.raises(ValueError):
-        distort(synthetic, "jpeg", level, rng())  # type: ignore[arg-type]
+        distort(synthetic, "jpeg", level, rng())  # type: ignore[arg-type]  # invalid on purpose
     with pytest.raises(ValueError):
-        pseudo_quality(level)  # type: ignore[arg-type]
+        pseudo_quality(level)  # type: ignore[arg-type]  # invalid on purpose
 
 
 def test_unknown_kind_is_rejected(synthetic: np.ndarray) -> None:

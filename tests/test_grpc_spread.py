@@ -128,6 +128,7 @@ def test_start_grpc_uses_the_server_options(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(grpc_server.grpc.aio, "server", fake_server)
     with pytest.raises(Captured):
+        # A stand-in for the core: the server options come from its settings alone.
         asyncio.run(grpc_server.start_grpc(SimpleNamespace(settings=settings), "127.0.0.1", 0))  # type: ignore[arg-type]
     assert seen["options"] == grpc_server.server_options(settings)
 

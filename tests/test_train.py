@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from model.checkpoint import load_checkpoint
+from model.config import PackingConfig
 from model.data import LabelledImages, Sample, collate_batch, read_labels, split_samples
 from model.decode import decode_image
 from model.packing import pack
@@ -272,12 +273,12 @@ def test_lr_progress_overrides_step() -> None:
 
 
 @pytest.fixture
-def tiny_packing(tmp_path: Path):  # type: ignore[no-untyped-def]
+def tiny_packing(tmp_path: Path) -> PackingConfig:
     recipe = write_recipe(tmp_path / "r.toml", data='csv = "labels.csv"')
     return TrainConfig.load(recipe).network().packing()
 
 
-def test_flips_are_deterministic_per_seed_epoch_index(tmp_path: Path, tiny_packing) -> None:  # type: ignore[no-untyped-def]
+def test_flips_are_deterministic_per_seed_epoch_index(tmp_path: Path, tiny_packing: PackingConfig) -> None:
     samples = read_labels(write_noise_set(tmp_path / "data", n=6))
     data = LabelledImages(samples, tiny_packing, flip=True, seed=5)
     plain = [pack(decode_image(s.path), tiny_packing).patches for s in samples]
@@ -305,7 +306,7 @@ def test_flips_are_deterministic_per_seed_epoch_index(tmp_path: Path, tiny_packi
     assert all(np.array_equal(no_flip[i][0].patches, plain[i]) for i in range(len(samples)))
 
 
-def test_packed_tokens_and_collate_shapes(tmp_path: Path, tiny_packing) -> None:  # type: ignore[no-untyped-def]
+def test_packed_tokens_and_collate_shapes(tmp_path: Path, tiny_packing: PackingConfig) -> None:
     samples = read_labels(write_noise_set(tmp_path / "data", n=5))
     data = LabelledImages(samples, tiny_packing, flip=True)
     items = [data[i] for i in range(len(data))]

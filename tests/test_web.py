@@ -99,6 +99,7 @@ def api_score(url: str, data: bytes) -> float:
     return r.json()["score"]
 
 
+# `browser` stays untyped: under playwright's types every query here would need a None check.
 def test_page_scores_explains_and_ranks(server: str, browser, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     files = page_photos()
     dropped = {"chelsea.jpg": files.pop("chelsea.jpg")}
@@ -154,7 +155,7 @@ def test_page_scores_explains_and_ranks(server: str, browser, tmp_path: Path) ->
     page.close()
 
 
-def test_page_shows_the_error_of_a_bad_file(server: str, browser) -> None:  # type: ignore[no-untyped-def]
+def test_page_shows_the_error_of_a_bad_file(server: str, browser) -> None:  # type: ignore[no-untyped-def]  # as above
     page = browser.new_page()
     page.goto(server + "/")
     page.set_input_files(
@@ -183,7 +184,7 @@ def test_docs_screenshot_shows_the_current_model() -> None:
     from service.settings import EMBEDDED_ONNX
 
     with Image.open(DOCS_SHOT) as shot:
-        recorded = dict(shot.text)  # type: ignore[attr-defined]
+        recorded = dict(shot.text)  # type: ignore[attr-defined]  # a PNG: PngImageFile has .text
     regenerate = "stale: MUSIQ_SCREENSHOT=docs/web-page.png python -m pytest tests/test_web.py -k page_scores"
     assert {"musiq:model", "musiq:model_version", "musiq:scores"} <= set(recorded), regenerate
     runtime = ModelRuntime(EMBEDDED_ONNX)
