@@ -140,21 +140,28 @@ def _write_patches(image: np.ndarray, patch: int, out: np.ndarray) -> tuple[int,
     """Cuts a float32 [h, w, 3] image into SAME-padded patches, writing at most len(out) of them.
 
     Returns the grid shape. `out` must be zero-initialised: the padding is 0 (mid grey in [-1, 1]).
+    Only the patches written are cut: the first n in row-major order lie in the first ceil(n / gw)
+    patch rows, and in the first n columns when that is one row. Cutting the whole grid first made
+    a 1 x 4,000,000 image pad a 32-row canvas and copy it (3 GB) to keep 512 native patches.
     """
     h, w, c = image.shape
-    gh, top, bottom = _same_padding(h, patch)
-    gw, left, right = _same_padding(w, patch)
-    if top or bottom or left or right:
-        canvas = np.zeros((gh * patch, gw * patch, c), np.float32)
-        canvas[top : top + h, left : left + w] = image
-    else:
-        canvas = image
-    tiles = canvas.reshape(gh, patch, gw, patch, c).transpose(0, 2, 1, 3, 4)
+    gh, top, _ = _same_padding(h, patch)
+    gw, left, _ = _same_padding(w, patch)
     n = min(len(out), gh * gw)
-    if n == gh * gw:  # the common case: one strided copy straight into the output
-        out[:n].reshape(gh, gw, patch, patch, c)[...] = tiles
+    rows = -(-n // gw)
+    cols = gw if rows > 1 else n
+    height, width = rows * patch, cols * patch  # the part of the padded canvas that is cut
+    if top == 0 and left == 0 and height <= h and width <= w:
+        canvas = image[:height, :width]  # no padding inside it: a view
     else:
-        out[:n] = tiles.reshape(gh * gw, patch * patch * c)[:n]
+        canvas = np.zeros((height, width, c), np.float32)
+        kept_h, kept_w = min(h, height - top), min(w, width - left)
+        canvas[top : top + kept_h, left : left + kept_w] = image[:kept_h, :kept_w]
+    tiles = canvas.reshape(rows, patch, cols, patch, c).transpose(0, 2, 1, 3, 4)
+    if n == rows * cols:  # the common case: one strided copy straight into the output
+        out[:n].reshape(rows, cols, patch, patch, c)[...] = tiles
+    else:  # part of the last patch row
+        out[:n] = tiles.reshape(rows * cols, patch * patch * c)[:n]
     return gh, gw
 
 
