@@ -27,7 +27,7 @@ from tests.helpers import start_server
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_ROUTES = ("/v1/score", "/v1/explain")
 ERRORS = {
-    # what each route answers besides 200 (read from service/rest.py and service/core.py)
+    # what each route answers besides 200 (read from service/rest.py, service/core.py and service/admission.py)
     "/v1/score": {400, 401, 404, 408, 413, 415, 429, 503, 504},
     "/v1/explain": {400, 401, 404, 408, 413, 415, 429, 503, 504},
     "/v1/score:batch": {400, 401, 404, 408, 413, 415},
