@@ -77,6 +77,25 @@ def fp32_bound(checks: Sequence[ShapeCheck], tolerance: float | None = None) -> 
     return FP32_ABS_FLOOR, f"floor: {FP32_ABS_FLOOR:g} (max |output| {largest:.4g})"
 
 
+def fp32_verdict(
+    what: str, checks: Sequence[ShapeCheck], tolerance: float | None, log: Callable[[str], None]
+) -> dict[str, Any]:
+    """The worst fp32 difference against its bound, logged; past the bound nothing is written.
+    Returns the parity figures the file's metadata records."""
+    worst = max(c.max_abs_diff for c in checks)
+    bound, rule = fp32_bound(checks, tolerance)
+    log(f"  fp32 bound {bound:.3g} ({rule}); worst {worst:.3e}")
+    if worst > bound:
+        raise ExportRefused(
+            f"{what} differs from PyTorch by {worst:.3e} > {bound:.3g} ({rule}); nothing written"
+        )
+    return {
+        "fp32_vs_torch_max_abs": float(f"{worst:.3e}"),
+        "fp32_tolerance": bound,
+        "fp32_tolerance_rule": rule,
+    }
+
+
 def check_tolerance(tolerance: float | None) -> None:
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"the fp32 tolerance must be a positive number, not {tolerance!r}")
@@ -149,24 +168,13 @@ def export_checkpoint(
 
     fp32_session = session(fp32)
     checks = check_shapes(fp32_session, model, shapes, real=images[:4])
-    worst = max(c.max_abs_diff for c in checks)
     for c in checks:
         log(
             f"  fp32 vs PyTorch  batch {c.batch:>2} tokens {c.tokens:>5} {c.padding:<6} max |diff| {c.max_abs_diff:.2e}"
             f"  (max |output| {c.max_abs_value:.4g})"
         )
-    bound, rule = fp32_bound(checks, tolerance)
-    log(f"  fp32 bound {bound:.3g} ({rule}); worst {worst:.3e}")
-    if worst > bound:
-        raise ExportRefused(
-            f"fp32 ONNX differs from PyTorch by {worst:.3e} > {bound:.3g} ({rule}); nothing written"
-        )
-    parity: dict[str, Any] = {
-        "fp32_vs_torch_max_abs": float(f"{worst:.3e}"),
-        "fp32_tolerance": bound,
-        "fp32_tolerance_rule": rule,
-        "shapes": [[c.batch, c.tokens, c.padding] for c in checks],
-    }
+    parity = fp32_verdict("fp32 ONNX", checks, tolerance, log)
+    parity["shapes"] = [[c.batch, c.tokens, c.padding] for c in checks]
 
     final = fp32
     if precision != "fp32":
@@ -249,20 +257,8 @@ def _export_rollout(
     small = [s for s in shapes if s[1] <= 1500]  # rollout keeps one N x N matrix per layer
     fp32_session = session(traced)
     checks = check_shapes(fp32_session, model, small)
-    worst = max(c.max_abs_diff for c in checks)
-    bound, rule = fp32_bound(checks, tolerance)
-    log(
-        f"  rollout graph vs PyTorch over {len(checks)} shapes: max |diff| {worst:.2e}, bound {bound:.3g} ({rule})"
-    )
-    if worst > bound:
-        raise ExportRefused(
-            f"rollout graph differs from PyTorch by {worst:.3e} > {bound:.3g} ({rule}); nothing written"
-        )
-    parity: dict[str, Any] = {
-        "fp32_vs_torch_max_abs": float(f"{worst:.3e}"),
-        "fp32_tolerance": bound,
-        "fp32_tolerance_rule": rule,
-    }
+    log(f"  rollout graph vs PyTorch over {len(checks)} shapes")
+    parity = fp32_verdict("rollout graph", checks, tolerance, log)
     final = traced
     if weights == "fp16":
         final = to_fp16_weights(traced)
