@@ -49,6 +49,7 @@ class Gated:
                 raise RuntimeError("the test never opened the gate")
             return real(items)
 
+        # A test seam: the real model behind the injected behaviour (mypy refuses method assignment).
         runtime.predict = predict  # type: ignore[method-assign]
         return runtime
 

@@ -51,5 +51,6 @@ class FaultSwitch:
                     self.hung -= 1
             return real(items)
 
+        # A test seam: the real model behind the injected behaviour (mypy refuses method assignment).
         runtime.predict = predict  # type: ignore[method-assign]
         return runtime

@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -147,7 +148,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes | Path]:
     return out
 
 
-def _tls_server(pki: dict[str, bytes | Path], mutual: bool) -> tuple[object, threading.Thread, str]:
+def _tls_server(pki: dict[str, bytes | Path], mutual: bool) -> tuple[Any, threading.Thread, str]:
     settings = ServiceSettings(
         grpc_port=0,
         host="127.0.0.1",
@@ -156,7 +157,7 @@ def _tls_server(pki: dict[str, bytes | Path], mutual: bool) -> tuple[object, thr
         grpc_tls_client_ca=pki["ca"] if mutual else None,
     )
     srv, thread, _ = start_server(settings)
-    return srv, thread, f"localhost:{srv.config.app.state.grpc_port}"  # type: ignore[attr-defined]
+    return srv, thread, f"localhost:{srv.config.app.state.grpc_port}"
 
 
 def _tls_score(target: str, credentials: grpc.ChannelCredentials) -> float:
@@ -168,9 +169,14 @@ def _tls_score(target: str, credentials: grpc.ChannelCredentials) -> float:
         )
 
 
+def _pem(pki: dict[str, bytes | Path], name: str) -> bytes:
+    value = pki[name]
+    assert isinstance(value, bytes), name
+    return value
+
+
 def test_grpc_tls_and_mutual_tls(pki: dict[str, bytes | Path]) -> None:
-    ca = pki["ca_pem"]
-    assert isinstance(ca, bytes)
+    ca = _pem(pki, "ca_pem")
     srv, thread, target = _tls_server(pki, mutual=False)
     try:
         assert _tls_score(target, grpc.ssl_channel_credentials(root_certificates=ca))
@@ -178,22 +184,22 @@ def test_grpc_tls_and_mutual_tls(pki: dict[str, bytes | Path]) -> None:
             quality_pb2_grpc.QualityStub(channel).Score(quality_pb2.ScoreRequest(image=jpeg()), timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # plaintext to a TLS port
     finally:
-        srv.should_exit = True  # type: ignore[attr-defined]
+        srv.should_exit = True
         thread.join(timeout=30)
 
     srv, thread, target = _tls_server(pki, mutual=True)
     try:
-        client = grpc.ssl_channel_credentials(ca, pki["client_key"], pki["client"])  # type: ignore[arg-type]
+        client = grpc.ssl_channel_credentials(ca, _pem(pki, "client_key"), _pem(pki, "client"))
         assert _tls_score(target, client)
         for credentials in (
             grpc.ssl_channel_credentials(root_certificates=ca),  # no client certificate
-            grpc.ssl_channel_credentials(ca, pki["rogue_key"], pki["rogue"]),  # type: ignore[arg-type]
+            grpc.ssl_channel_credentials(ca, _pem(pki, "rogue_key"), _pem(pki, "rogue")),
         ):
             with pytest.raises(grpc.RpcError) as err:
                 _tls_score(target, credentials)
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        srv.should_exit = True  # type: ignore[attr-defined]
+        srv.should_exit = True
         thread.join(timeout=30)
 
 
