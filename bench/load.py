@@ -27,7 +27,7 @@ from bench.workload import BenchImage
 if TYPE_CHECKING:  # httpx is imported where used: the GPU script runs where it may be missing
     import httpx
 
-    from service.gen.quality_pb2_grpc import QualityStub
+    from musiq_client.gen.quality_pb2_grpc import QualityStub
 
 REPO = Path(__file__).resolve().parents[1]
 

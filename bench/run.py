@@ -174,7 +174,7 @@ async def _service_mix(
 ) -> dict[str, Any]:
     import grpc
 
-    from service.gen import quality_pb2, quality_pb2_grpc
+    from musiq_client.gen import quality_pb2, quality_pb2_grpc
 
     result: dict[str, Any] = {}
     n1 = plan.mixed_cycles * len(images) if mix == "mixed" else plan.latency_requests

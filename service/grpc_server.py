@@ -21,9 +21,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from musiq_client.gen import quality_pb2, quality_pb2_grpc
 from service.core import ScoreResult, ScoringCore
 from service.errors import ScoringError
-from service.gen import quality_pb2, quality_pb2_grpc
 from service.security import ApiKeyInterceptor, ApiKeys, grpc_server_credentials
 from service.settings import ServiceSettings
 

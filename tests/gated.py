@@ -23,7 +23,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from model.packing import PackedImage
-from service.gen import quality_pb2_grpc
+from musiq_client.gen import quality_pb2_grpc
 from service.runtime import ModelRuntime, Prediction, RuntimeOptions
 from service.settings import ServiceSettings
 from tests.helpers import jpeg, start_server

@@ -19,8 +19,8 @@ import grpc
 import httpx
 import pytest
 
+from musiq_client.gen import quality_pb2
 from service.errors import ERRORS, ScoringError
-from service.gen import quality_pb2
 from tests.gated import GatedServer, gated_server
 from tests.helpers import jpeg
 
@@ -92,7 +92,7 @@ class Grpc:
     name = "grpc"
 
     def __init__(self, target: str) -> None:
-        from service.gen import quality_pb2_grpc
+        from musiq_client.gen import quality_pb2_grpc
 
         # no retry policy: the contract is about the first answer
         self.channel = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])

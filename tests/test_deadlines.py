@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 
-from service.gen import quality_pb2
+from musiq_client.gen import quality_pb2
 from service.settings import ServiceSettings
 from tests.gated import GatedServer, gated_server
 from tests.helpers import jpeg, start_server

@@ -20,8 +20,8 @@ from PIL import Image
 
 from model.decode import decode_image
 from model.packing import pack
+from musiq_client.gen import quality_pb2, quality_pb2_grpc
 from service.explain import RolloutRuntime, rollout_path
-from service.gen import quality_pb2, quality_pb2_grpc
 from service.runtime import ModelRuntime
 from service.settings import EMBEDDED_ONNX, ServiceSettings
 from tests.helpers import jpeg, start_server

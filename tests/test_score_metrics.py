@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.gen import quality_pb2, quality_pb2_grpc
+from musiq_client.gen import quality_pb2, quality_pb2_grpc
 from service.metrics import ServiceMetrics, score_buckets
 from service.settings import ServiceSettings
 from tests.helpers import jpeg, start_server

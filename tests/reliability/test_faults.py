@@ -20,7 +20,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.gen import quality_pb2, quality_pb2_grpc
+from musiq_client.gen import quality_pb2, quality_pb2_grpc
 from service.settings import ServiceSettings
 from tests.helpers import jpeg, start_server
 from tests.reliability.faults import FaultSwitch

@@ -16,7 +16,7 @@ import grpc
 import httpx
 import pytest
 
-from service.gen import quality_pb2, quality_pb2_grpc
+from musiq_client.gen import quality_pb2, quality_pb2_grpc
 from tests.reliability.hostile import Case, all_cases, image_cases
 from tests.reliability.serve import RssWatch, ServerProcess, rss_bytes, serve_process
 

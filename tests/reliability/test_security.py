@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.gen import quality_pb2, quality_pb2_grpc
+from musiq_client.gen import quality_pb2, quality_pb2_grpc
 from service.security import ApiKeys
 from service.settings import ServiceSettings
 from tests.helpers import jpeg, start_server
