@@ -19,11 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
-
 from model.config import PackingConfig
-from model.decode import ImageDecodeError, ImageTooLargeError, decode_image
-from model.packing import PackedImage, compact, pack
+from model.decode import ImageDecodeError, ImageTooLargeError
 from service.admission import Admission, ExplainQueue
 from service.batcher import (
     BatchInfo,
@@ -40,21 +37,11 @@ from service.explain import ScaleExplanation, explain_scales
 from service.health import Health
 from service.heap import keep_freed_memory
 from service.metrics import ServiceMetrics
+from service.prepare import Prepared, prepare_image
 from service.registry import ModelRegistry, ServedModel
 from service.registry import RuntimeFactory as RuntimeFactory  # re-exported: `service/app.py` and tests
 from service.runtime import ModelRuntime
 from service.settings import ServiceSettings
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A decoded, packed image: `packed` is the official layout (explanations map it back onto the
-    image), `compute` the rows inference needs (the same, or with padding rows dropped)."""
-
-    pixels: np.ndarray
-    packed: PackedImage
-    compute: PackedImage
-    timings: dict[str, float]
 
 
 @dataclass
@@ -204,14 +191,13 @@ class ScoringCore:
     # --- the pipeline ---------------------------------------------------------------------------
 
     def _decode_and_pack(self, data: bytes, packing: PackingConfig) -> Prepared:
-        """Runs in the decode pool; the rows to compute drop the padding rows (see `compact`: the
-        same score for less work)."""
-        t0 = time.perf_counter()
-        pixels = decode_image(data, max_pixels=self.settings.max_pixels)
-        t1 = time.perf_counter()
-        packed = pack(pixels, packing)
-        compute = compact(packed) if self.settings.drop_padding_rows else packed
-        return Prepared(pixels, packed, compute, {"decode_s": t1 - t0, "pack_s": time.perf_counter() - t1})
+        """Runs in the decode pool (`service.prepare.prepare_image` with this server's limits)."""
+        return prepare_image(
+            data,
+            packing,
+            max_pixels=self.settings.max_pixels,
+            drop_padding_rows=self.settings.drop_padding_rows,
+        )
 
     async def _prepare(self, data: bytes, served: ServedModel, max_native_tokens: int | None) -> Prepared:
         """Decodes and packs in the thread pool; undecodable input becomes a 4xx ScoringError."""
