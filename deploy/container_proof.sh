@@ -117,8 +117,8 @@ cuda_libraries() {  # cuda_libraries TAG: ldd of the CUDA provider inside the im
     echo "$out" | tee -a "$proof"
     # libcuda.so.1 is the GPU driver's: the host provides it (the NVIDIA container toolkit mounts it).
     if echo "$out" | grep "not found" | grep -vq "libcuda.so.1 "; then say "$tag: UNRESOLVED libraries"; return 1; fi
-    echo "$out" | grep -q "libcudnn.so.9 " || { say "$tag: no cuDNN 9 in the linker cache"; return 1; }
-    echo "$out" | grep -q CUDAExecutionProvider || { say "$tag: no CUDAExecutionProvider"; return 1; }
+    grep -q "libcudnn.so.9 " <<<"$out" || { say "$tag: no cuDNN 9 in the linker cache"; return 1; }
+    grep -q CUDAExecutionProvider <<<"$out" || { say "$tag: no CUDAExecutionProvider"; return 1; }
     say "$tag: every NEEDED library of the CUDA provider resolves but the host driver's libcuda.so.1; cuDNN 9 found; CUDAExecutionProvider listed"
 }
 
