@@ -66,6 +66,7 @@ class ModelRegistry:
             spin_threads=self.settings.spin_threads,
             providers=tuple(self.settings.providers),
             pad_multiple=self.settings.pad_multiple,
+            io_binding=self.settings.io_binding,
         )
 
     async def load(
@@ -90,11 +91,18 @@ class ModelRegistry:
             warm_s = time.perf_counter() - start
             batcher: Batcher[PackedImage, Prediction] = Batcher(
                 runtime.predict,
-                self.settings.batcher_config(),
+                self.settings.batcher_config(runtime.providers[0]),
                 on_batch=on_batch(runtime.name),
                 upstream=upstream,
             )
             batcher.seed_rate(warm_tokens / max(warm_s, 1e-6))
+            cfg = batcher.config
+            logger.info(
+                "model %s on %s: batches of <= %d images, <= %d tokens, %.1f ms queue delay, "
+                "lengths padded to a multiple of %d, inputs by %s",
+                runtime.name, runtime.providers[0], cfg.max_batch_size, cfg.max_batch_tokens,
+                cfg.max_queue_delay_s * 1e3, runtime.pad_multiple, runtime.host_memory,
+            )  # fmt: skip
             await batcher.start()
             self.models[runtime.name] = served = ServedModel(runtime, batcher)
             await asyncio.to_thread(self._load_explainer, served, path, options)

@@ -10,6 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from model.checkpoint import EMBEDDED_DEFAULT
 from model.decode import DEFAULT_MAX_PIXELS
 from service.batcher import BatcherConfig
+from service.runtime import device_defaults
 
 EMBEDDED_ONNX = EMBEDDED_DEFAULT.with_suffix(".onnx")
 
@@ -52,16 +53,39 @@ class ServiceSettings(BaseSettings):
     request_timeout_s: float = Field(30.0, description="deadline for one image, queue wait included")
     max_batch_items: int = Field(64, description="images in one /v1/score:batch request")
     max_native_tokens: int = Field(512, description="server cap on native-resolution tokens (-1: none)")
-    max_batch_tokens: int = 16384
-    max_batch_size: int = Field(
-        4, description="images in one inference batch (CPU: more only adds memory; GPU: raise it, e.g. 32)"
+    # Batching defaults differ by device (service.runtime.DeviceDefaults says why): null resolves to
+    # the CPU or the GPU value once a model's session has its execution provider.
+    max_batch_tokens: int | None = Field(
+        None, ge=1, description="batch size x padded length per batch (null: 16384 on CPU, 65536 on GPU)"
     )
-    max_queue_delay_s: float = 0.004
+    max_batch_size: int | None = Field(
+        None, ge=1, description="images in one inference batch (null: 4 on CPU, 64 on GPU)"
+    )
+    max_queue_delay_s: float | None = Field(
+        None, ge=0, description="how long the batcher waits to fill a batch (null: 0.004 s CPU, 0.005 s GPU)"
+    )
     always_wait_queue_delay: bool = Field(
         False, description="wait the queue delay even when no request is being decoded (none can join)"
     )
     max_queue_items: int = 512
-    decode_threads: int = 2
+    decode_threads: int = Field(
+        2,
+        ge=1,
+        description="threads that decode and pack when decode_processes is 0; else render explanations",
+    )
+    # Worker processes do not share the GIL, and a decoder crash kills a worker, not the server: on 2
+    # shared cores, 8 REST clients got 1.28-1.33x the images/s of one with threads and 1.34-1.56x with
+    # 2 processes in the same runs; c1 is ~3 ms slower (bench/results/DATA_PLANE.md).
+    # Set it to the cores the server may spend on decoding (a 16-core host: ~12, leaving the server
+    # process its own). A worker holds a 64 MB slab (decode_slab_mb) and its own heap.
+    decode_processes: int = Field(
+        2, ge=0, description="worker processes that decode and pack (0: threads of the server process)"
+    )
+    decode_slab_mb: int = Field(
+        64,
+        ge=1,
+        description="shared memory per decode process for its packed result (larger ones go through a pipe)",
+    )
     intra_op_threads: int = 0
     spin_threads: bool = Field(
         False, description="ONNX Runtime threads busy-wait between operators (steals decode/pack cores)"
@@ -72,7 +96,12 @@ class ServiceSettings(BaseSettings):
         le=2047,  # service.heap.MAX_KEEP_MB: glibc's mallopt takes a C int of bytes
         description="freed memory kept for the next request's arrays (0: glibc defaults; service/heap.py)",
     )
-    pad_multiple: int = 1
+    pad_multiple: int | None = Field(
+        None, ge=1, description="round padded lengths up to a multiple (null: 1 on CPU, 64 on GPU)"
+    )
+    io_binding: bool | None = Field(
+        None, description="feed batches through IO binding from reused, pinned buffers (null: on GPU only)"
+    )
     drop_padding_rows: bool = Field(
         True, description="compute only real patch rows (same score, fewer tokens; model.packing.compact)"
     )
@@ -108,11 +137,15 @@ class ServiceSettings(BaseSettings):
     def model_paths(self) -> list[Path]:
         return list(self.models) or [EMBEDDED_ONNX]
 
-    def batcher_config(self) -> BatcherConfig:
+    def batcher_config(self, provider: str = "CPUExecutionProvider") -> BatcherConfig:
+        """The batcher's settings for a model whose session runs on `provider` (its first one):
+        each batching setting left null takes that device's default."""
+        d = device_defaults(provider)
+        delay = d.max_queue_delay_s if self.max_queue_delay_s is None else self.max_queue_delay_s
         return BatcherConfig(
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_size=self.max_batch_size,
-            max_queue_delay_s=self.max_queue_delay_s,
+            max_batch_tokens=d.max_batch_tokens if self.max_batch_tokens is None else self.max_batch_tokens,
+            max_batch_size=d.max_batch_size if self.max_batch_size is None else self.max_batch_size,
+            max_queue_delay_s=delay,
             max_queue_items=self.max_queue_items,
             run_timeout_s=self.inference_timeout_s,
         )
