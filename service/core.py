@@ -7,8 +7,9 @@ stable code (`service/errors.py` maps it onto HTTP and gRPC), so the protocol la
 `service/registry.py` (which models are served: loading, warm-up, explainers, packing limits),
 `service/health.py` (readiness, draining, failing models and the probe that sees them recover) and
 `service/admission.py` (what may start: serving or not, the in-progress limit, deadline-aware
-admission, the explanation queue). What stays here is the request path itself: decode and pack in
-the decode pool, queue on the model's batcher, map each failure onto its error code, record the score.
+admission, the explanation queue). What stays here is the request path itself: decode and pack (in
+worker processes, `service/prepare_pool.py`, or with `decode_processes=0` in a thread pool), queue on
+the model's batcher, map each failure onto its error code, record the score.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from model.config import PackingConfig
 from model.decode import ImageDecodeError, ImageTooLargeError
@@ -37,11 +39,14 @@ from service.explain import ScaleExplanation, explain_scales
 from service.health import Health
 from service.heap import keep_freed_memory
 from service.metrics import ServiceMetrics
-from service.prepare import Prepared, prepare_image
+from service.prepare import Prepared, ScoreInput, prepare_image
+from service.prepare_pool import PreparePool, WorkerDied
 from service.registry import ModelRegistry, ServedModel
 from service.registry import RuntimeFactory as RuntimeFactory  # re-exported: `service/app.py` and tests
 from service.runtime import ModelRuntime
 from service.settings import ServiceSettings
+
+_P = TypeVar("_P", Prepared, ScoreInput)
 
 
 @dataclass
@@ -81,7 +86,9 @@ class ScoringCore:
         self.health = Health()
         self.admission = Admission(settings, self.health)
         self.explain_queue = ExplainQueue(settings)
-        self.pool: ThreadPoolExecutor | None = None  # decoding and packing (and rendering explanations)
+        self.pool: ThreadPoolExecutor | None = None  # rendering explanations; decoding too without processes
+        self.prepare_pool: PreparePool | None = None  # decode + pack processes (decode_processes > 0)
+        self.dispatch: ThreadPoolExecutor | None = None  # threads that wait on those processes, one each
         self.preparing = 0  # requests being decoded and packed: the batchers' possible company
 
     # --- views onto the parts (the transports' and tests' API) ----------------------------------
@@ -170,10 +177,31 @@ class ScoringCore:
         """Loads every model, proves each with a warm-up inference, then starts its batcher."""
         keep_freed_memory(self.settings.heap_keep_mb)
         self.pool = ThreadPoolExecutor(self.settings.decode_threads, thread_name_prefix="musiq-decode")
-        await self.registry.load(
-            self._on_batch,
-            upstream=None if self.settings.always_wait_queue_delay else (lambda: self.preparing),
-        )
+        processes = self.settings.decode_processes
+        if processes > 0:  # started first: the workers import numpy and Pillow while the models load
+            self.prepare_pool = PreparePool(
+                processes,
+                max_pixels=self.settings.max_pixels,
+                drop_padding_rows=self.settings.drop_padding_rows,
+                slab_bytes=self.settings.decode_slab_mb * 2**20,
+                task_timeout_s=self.settings.request_timeout_s,
+                heap_keep_mb=self.settings.heap_keep_mb,
+            )
+            self.prepare_pool.start()
+            self.dispatch = ThreadPoolExecutor(processes, thread_name_prefix="musiq-prepare")
+        try:
+            await self.registry.load(
+                self._on_batch,
+                upstream=None if self.settings.always_wait_queue_delay else (lambda: self.preparing),
+            )
+            if self.prepare_pool is not None:  # ready once the workers are (they started before the models)
+                await asyncio.get_running_loop().run_in_executor(self.dispatch, self.prepare_pool.wait_ready)
+        except BaseException:  # a start that fails leaves no worker process behind (stop() never runs)
+            if self.dispatch:
+                self.dispatch.shutdown(wait=True)
+            if self.prepare_pool:
+                self.prepare_pool.close()
+            raise
         self.explain_queue.start()
         self.registry.choose_default()
         self.health.ready = True
@@ -186,12 +214,16 @@ class ScoringCore:
         await self.registry.stop()
         if self.pool:
             self.pool.shutdown(wait=True)
+        if self.dispatch:
+            self.dispatch.shutdown(wait=True)
+        if self.prepare_pool:  # after its callers: no worker is mid-task
+            self.prepare_pool.close()
         self.explain_queue.stop()
 
     # --- the pipeline ---------------------------------------------------------------------------
 
     def _decode_and_pack(self, data: bytes, packing: PackingConfig) -> Prepared:
-        """Runs in the decode pool (`service.prepare.prepare_image` with this server's limits)."""
+        """Runs in the decode thread pool (`service.prepare.prepare_image` with this server's limits)."""
         return prepare_image(
             data,
             packing,
@@ -199,26 +231,55 @@ class ScoringCore:
             drop_padding_rows=self.settings.drop_padding_rows,
         )
 
+    def _score_input(self, data: bytes, packing: PackingConfig) -> ScoreInput:
+        return self._decode_and_pack(data, packing).score_input()
+
+    async def _prepare_score(
+        self, data: bytes, served: ServedModel, max_native_tokens: int | None
+    ) -> ScoreInput:
+        """What scoring needs (no pixels, no padding rows: they would cross processes for nothing)."""
+        if self.prepare_pool is not None:
+            pool = self.prepare_pool
+            return await self._run_prepare(self.dispatch, pool.score_input, data, served, max_native_tokens)
+        return await self._run_prepare(self.pool, self._score_input, data, served, max_native_tokens)
+
     async def _prepare(self, data: bytes, served: ServedModel, max_native_tokens: int | None) -> Prepared:
-        """Decodes and packs in the thread pool; undecodable input becomes a 4xx ScoringError."""
+        """Everything of a prepared image: the pixels and official layout explanations map back onto."""
+        if self.prepare_pool is not None:
+            pool = self.prepare_pool
+            return await self._run_prepare(self.dispatch, pool.prepare, data, served, max_native_tokens)
+        return await self._run_prepare(self.pool, self._decode_and_pack, data, served, max_native_tokens)
+
+    async def _run_prepare(
+        self,
+        executor: ThreadPoolExecutor | None,
+        fn: Callable[[bytes, PackingConfig], _P],
+        data: bytes,
+        served: ServedModel,
+        max_native_tokens: int | None,
+    ) -> _P:
+        """Decodes and packs off the event loop; undecodable input becomes a 4xx ScoringError, a decode
+        worker that died on it a retryable 503 (the worker is replaced)."""
         packing = self.packing_for(served, max_native_tokens)
         if not data:
             raise ScoringError("empty_body", "the request carries no image bytes")
         loop = asyncio.get_running_loop()
         self.preparing += 1
         try:
-            prepared = await loop.run_in_executor(self.pool, self._decode_and_pack, data, packing)
+            prepared = await loop.run_in_executor(executor, fn, data, packing)
         except ImageTooLargeError as exc:
             raise ScoringError("image_too_large", str(exc)) from exc
         except ImageDecodeError as exc:
             raise ScoringError(f"image_{exc.reason}", str(exc)) from exc
+        except WorkerDied as exc:
+            raise ScoringError("decode_failed", str(exc), retry_after_s=1) from exc
         finally:
             self.preparing -= 1  # from here the image is in the queue (submit enqueues at once)
         self.metrics.decode_seconds.observe(prepared.timings["decode_s"])
         self.metrics.pack_seconds.observe(prepared.timings["pack_s"])
         return prepared
 
-    async def _infer(self, served: ServedModel, prepared: Prepared, timeout_s: float | None) -> ScoreResult:
+    async def _infer(self, served: ServedModel, prepared: ScoreInput, timeout_s: float | None) -> ScoreResult:
         """Queues a packed image on the model's batcher and waits for its score."""
         timings = prepared.timings
         tokens = served.runtime.padded_length(prepared.compute.num_tokens)
@@ -253,7 +314,7 @@ class ScoringCore:
             score=prediction.score,
             model=meta.name,
             model_version=meta.version,
-            tokens=prepared.packed.num_tokens,  # the official count, padding rows included
+            tokens=prepared.tokens,  # the official count, padding rows included
             timings=timings,
             distribution=prediction.distribution,
         )
@@ -271,7 +332,7 @@ class ScoringCore:
         served = self.model(model)
         timeout_s = self.settings.request_timeout_s if timeout_s is None else timeout_s
         with self.admission.admitted(served.batcher, timeout_s):
-            prepared = await self._prepare(data, served, max_native_tokens)
+            prepared = await self._prepare_score(data, served, max_native_tokens)
             return await self._infer(served, prepared, timeout_s)
 
     async def explain(
@@ -303,7 +364,7 @@ class ScoringCore:
                         f"{packed.num_tokens} tokens; explanations take at most "
                         f"{self.settings.explain_max_tokens} (lower max_native_tokens)",
                     )
-                result = await self._infer(served, prepared, timeout)
+                result = await self._infer(served, prepared.score_input(), timeout)
             await self.explain_queue.acquire(deadline)
         try:
             loop = asyncio.get_running_loop()

@@ -64,6 +64,7 @@ ERRORS: dict[str, ErrorKind] = {
     "inference_timeout": _DOWN,
     "model_unavailable": _DOWN,
     "inference_failed": _DOWN,
+    "decode_failed": _DOWN,  # the decode worker process died (or hung) on this image; it is replaced
     "explain_failed": _DOWN,
     "deadline_exceeded": ErrorKind(504, grpc.StatusCode.DEADLINE_EXCEEDED),
 }

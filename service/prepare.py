@@ -26,6 +26,21 @@ class Prepared:
     compute: PackedImage
     timings: dict[str, float]
 
+    def score_input(self) -> ScoreInput:
+        return ScoreInput(self.compute, self.packed.num_tokens, self.timings)
+
+
+@dataclass(frozen=True)
+class ScoreInput:
+    """What scoring needs of a prepared image, and no more: the rows to compute and the official
+    token count (padding rows included, which the API reports). The server's decode workers hand
+    only this back for a plain score (`service/prepare_pool.py`): the pixels and the padding rows
+    would be copied between processes for nothing."""
+
+    compute: PackedImage
+    tokens: int
+    timings: dict[str, float]
+
 
 def prepare_image(
     data: bytes, packing: PackingConfig, *, max_pixels: int, drop_padding_rows: bool
