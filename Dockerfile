@@ -4,6 +4,7 @@
 #
 #   docker build -t musiq:cpu .
 #   docker build -t musiq:cuda --build-arg ONNXRUNTIME='onnxruntime-gpu[cuda,cudnn]==1.31.1' .
+#   docker build -t musiq:bulk --build-arg EXTRAS=bulk .   # + ray[data]: the Ray worker image (docs/bulk.md)
 #
 # onnxruntime-gpu 1.31.1 is built for CUDA 13 and cuDNN 9; its `cuda` and `cudnn` extras install
 # NVIDIA's runtime wheels (cuBLAS, cuDNN, cuFFT, cuRAND, the CUDA runtime) into the venv, and the
@@ -32,6 +33,9 @@ RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
 FROM base AS build
 # Which ONNX Runtime wheel serves: onnxruntime (CPU) or 'onnxruntime-gpu[cuda,cudnn]==1.31.1'.
 ARG ONNXRUNTIME=onnxruntime
+# Optional extras to install beside the base set: `bulk` (ray[data], for `musiq bulk` on a Ray
+# cluster). Empty by default: the server image holds no Ray.
+ARG EXTRAS=
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -40,8 +44,9 @@ COPY service/ service/
 COPY cli/ cli/
 COPY export/ export/
 COPY musiq_client/ musiq_client/
+COPY bulk/ bulk/
 COPY deploy/build_venv.sh deploy/
-RUN deploy/build_venv.sh /opt/musiq "${ONNXRUNTIME}"
+RUN deploy/build_venv.sh /opt/musiq "${ONNXRUNTIME}" "${EXTRAS}"
 
 # ---- runtime -----------------------------------------------------------------------------------
 FROM base AS runtime

@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned, so nothing below can pull a CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[train,export,dev]'
+	$(BIN)/pip install --quiet -e '.[train,export,dev,bulk]'
 	touch $(STAMP)
 
 $(PARITY_STAMP): pyproject.toml

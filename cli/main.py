@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "export": "export.commands",
     "serve": "service.commands",
     "bench": "bench.commands",
+    "bulk": "bulk.commands",
 }
 
 

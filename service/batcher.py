@@ -36,7 +36,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -112,6 +112,27 @@ class BatcherConfig:
             raise ValueError("max_queue_delay_s must be >= 0")
         if list(self.buckets) != sorted(set(self.buckets)):
             raise ValueError("buckets must be strictly increasing")
+
+    def bucket(self, tokens: int) -> int:
+        """The length bucket of an item of `tokens` padded rows (0 .. len(buckets))."""
+        return bisect.bisect_left(self.buckets, tokens)
+
+
+def take_batch(tokens: Iterable[int], config: BatcherConfig) -> tuple[int, bool]:
+    """How many of the items whose padded lengths are `tokens` (in queue order, one bucket) one
+    batch takes, and whether that batch is full: items join while the batch holds at most
+    `max_batch_size` and `size x longest length` stays within `max_batch_tokens`.
+
+    The one copy of the rule: the server's batcher (`Batcher._fill`) and `musiq bulk`'s inference
+    actors (bulk/pipeline.py) both call it, so both form the same batches from the same items."""
+    count = longest = 0
+    for item in tokens:
+        length = max(longest, item)
+        if count + 1 > config.max_batch_size or (count + 1) * length > config.max_batch_tokens:
+            return count, True
+        count += 1
+        longest = length
+    return count, count >= config.max_batch_size
 
 
 @dataclass(frozen=True)
@@ -255,7 +276,7 @@ class Batcher(Generic[T, R]):
         self.check_deadline(tokens, timeout_s)
         now = self.clock()
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        bucket = bisect.bisect_left(self.config.buckets, tokens)
+        bucket = self.config.bucket(tokens)
         deadline = now + timeout_s if timeout_s is not None else None
         entry = _Entry(item, tokens, bucket, now, deadline, future, timings)
         self._buckets[bucket].append(entry)
@@ -299,19 +320,17 @@ class Batcher(Generic[T, R]):
 
     def _fill(self, bucket: int) -> tuple[list[_Entry[T, R]], bool]:
         """The entries a batch would take from `bucket` now (oldest first), and whether it is full."""
-        cfg = self.config
-        chosen: list[_Entry[T, R]] = []
-        longest = 0
         now = self.clock()
-        for entry in self._buckets[bucket]:
-            if entry.future.done() or (entry.deadline is not None and entry.deadline <= now):
-                continue
-            length = max(longest, entry.tokens)
-            if len(chosen) + 1 > cfg.max_batch_size or (len(chosen) + 1) * length > cfg.max_batch_tokens:
-                return chosen, True
-            chosen.append(entry)
-            longest = length
-        return chosen, len(chosen) >= cfg.max_batch_size
+        live: list[_Entry[T, R]] = []
+
+        def tokens() -> Iterator[int]:  # lazily: take_batch stops reading once the batch is full
+            for entry in self._buckets[bucket]:
+                if not (entry.future.done() or (entry.deadline is not None and entry.deadline <= now)):
+                    live.append(entry)
+                    yield entry.tokens
+
+        count, full = take_batch(tokens(), self.config)
+        return live[:count], full
 
     async def _work(self) -> None:
         assert self._wakeup is not None

@@ -174,7 +174,7 @@ def test_image_content_serves_rest_and_grpc(server: ServerProcess, image_venv: P
 def test_image_content_has_no_torch_bench_or_pip(image_venv: Path, tmp_path: Path) -> None:
     py = str(image_venv / "bin" / "python")
     env = {"PATH": f"{image_venv}/bin:/usr/bin:/bin", "HOME": str(tmp_path)}
-    for module in ("torch", "bench", "pip"):
+    for module in ("torch", "bench", "pip", "ray"):  # ray: only with --build-arg EXTRAS=bulk
         probe = subprocess.run([py, "-c", f"import {module}"], cwd=tmp_path, env=env, capture_output=True)
         assert probe.returncode != 0, f"{module} is in the image's venv"
     bench = subprocess.run(

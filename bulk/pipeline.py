@@ -1,0 +1,416 @@
+"""The Ray Data pipeline behind `musiq bulk`: read -> decode + pack (CPU tasks) -> score (actors).
+
+- **Decode and pack** run as `map_batches` tasks, one CPU each, calling the server's own
+  `service.prepare.prepare_image` with the server's defaults (pixel limit, padding rows dropped):
+  the same bytes give the same rows, hence the same score, as `/v1/score`.
+- **Scoring** runs in an actor pool: each actor loads the ONNX file once (`ModelRuntime`, the
+  server's class: same metadata, same providers logic; CUDA with `num_gpus=1` when the cluster
+  has GPUs), groups the rows it receives by the server's length buckets and forms each inference
+  batch with the server's rule (`service.batcher.take_batch`), then writes its rows as one
+  output part, atomically (`bulk.sources.write_part`), and returns only a summary to the driver.
+- **Failures.** Bad input becomes a row with the REST API's error code; it never raises. A
+  worker process that dies is Ray's to handle: tasks are retried (`max_retries`) and actors
+  restarted with their pending batches retried (`max_restarts`, `max_task_retries`). A retried
+  batch writes the same part name (a hash of its images), so a retry replaces, never duplicates.
+
+Ray is imported only inside `run`: the listing, the stages' functions and the tests of them work
+without a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from bulk.sources import Input, filesystem, write_part
+from model.config import PackingConfig
+from model.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
+from model.packing import PackedImage
+from service.batcher import BatcherConfig, take_batch
+from service.errors import ERRORS
+from service.prepare import prepare_image
+from service.runtime import ModelRuntime, Prediction, RuntimeOptions
+from service.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+# The server's default cap, so that a default bulk run packs as a default server does.
+SERVER_MAX_NATIVE_TOKENS: int = ServiceSettings.model_fields["max_native_tokens"].default
+PREPARE_CPUS = 0.25  # CPU clusters: what one decode + pack task reserves
+
+# Columns between the stages: the packed rows travel as raw bytes (no per-value conversion).
+_PACKED = ("patches", "spatial", "scale", "mask")
+
+
+@dataclass(frozen=True)
+class BulkOptions:
+    model: Path
+    output: str
+    # Batching: None takes the server's default for the actor's device (`ModelRuntime.defaults`).
+    batch_size: int | None = None  # images in one inference batch
+    max_batch_tokens: int | None = None  # batch size x padded length
+    max_native_tokens: int | None = None  # None: the server's default cap
+    part_rows: int = 64  # rows per output part: the actors' batch, and resume's granularity
+    actors: int | None = None  # inference actors (None: one per GPU, else one per cpus_per_actor)
+    cpus_per_actor: float = 1.0  # CPU actors: reserved CPUs; ORT uses that many threads (>= 1)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    progress: bool = True
+    ray_init: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Summary:
+    images: int
+    errors: int
+    skipped: int  # already in the output (--resume)
+    wall_s: float
+    errors_by_code: dict[str, int]
+    operators: tuple[str, ...] = ()  # the Ray Data operators that ran (from the dataset's stats)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.wall_s if self.wall_s > 0 else 0.0
+
+    def line(self) -> str:
+        codes = ", ".join(f"{k}: {v}" for k, v in sorted(self.errors_by_code.items()))
+        return (
+            f"{self.images} images, {self.errors} errors{f' ({codes})' if codes else ''}, "
+            f"{self.images_per_s:.1f} images/s, wall time {self.wall_s:.1f} s"
+            + (f"; {self.skipped} already done (skipped)" if self.skipped else "")
+        )
+
+
+def packing_for(model_packing: PackingConfig, max_native_tokens: int | None) -> PackingConfig:
+    """The packing a server with default settings uses for this model (`ModelRegistry.packing_for`
+    with `MUSIQ_MAX_NATIVE_TOKENS` at its default), or the model's with an explicit cap."""
+    cap = model_packing.max_native_tokens
+    if max_native_tokens is None:
+        limits = [c for c in (SERVER_MAX_NATIVE_TOKENS, cap) if c >= 0]
+        limit = min(limits) if limits else -1
+    elif max_native_tokens < -1 or (cap >= 0 and not 0 <= max_native_tokens <= cap):
+        raise ValueError(f"--max-native-tokens must be between 0 and {cap} for this model")
+    else:
+        limit = max_native_tokens
+    p = model_packing
+    return PackingConfig(p.patch_size, p.grid_size, p.longer_sides, limit, pad_native=False)
+
+
+# ------------------------------------------------------------------------- stage 1: decode + pack
+
+_LOCAL = pafs.LocalFileSystem()
+
+
+def read_bytes(uri: str) -> bytes:
+    """The file's bytes: a local path, or a URI `pyarrow.fs` opens."""
+    fs, inner = filesystem(uri) if "://" in uri else (_LOCAL, uri)
+    with fs.open_input_stream(inner) as f:
+        data: bytes = f.read()
+    return data
+
+
+def error_code(exc: Exception) -> str:
+    """The REST API's error code for a failure to read, decode or pack an image."""
+    if isinstance(exc, ImageTooLargeError):
+        return "image_too_large"
+    if isinstance(exc, ImageDecodeError):
+        code = f"image_{exc.reason}"
+        # A reason the service's table lacks (today: unsupported_mode) is an image the server
+        # cannot use either; the nearest code in the table stands in for it.
+        return code if code in ERRORS else "image_unrecognised"
+    if isinstance(exc, FileNotFoundError):
+        return "image_not_found"
+    return "image_unreadable"  # any other OSError: a folder, no permission, a failing store
+
+
+def prepare_batch(
+    batch: pa.Table, *, packing: PackingConfig, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> pa.Table:
+    """Stage 1 (a CPU task): reads, decodes and packs each input; failures become error codes."""
+    out: dict[str, list[Any]] = {k: [] for k in ("image", "tokens", "error", "shape", *_PACKED)}
+    for image, uri in zip(batch.column("image").to_pylist(), batch.column("uri").to_pylist(), strict=True):
+        packed: PackedImage | None = None
+        tokens: int | None = None
+        error: str | None = None
+        try:
+            data = read_bytes(uri)
+            if not data:
+                error = "empty_body"  # as the server says of an empty upload
+            else:
+                prepared = prepare_image(data, packing, max_pixels=max_pixels, drop_padding_rows=True)
+                packed, tokens = prepared.compute, prepared.packed.num_tokens
+        except (ImageDecodeError, OSError) as exc:
+            error = error_code(exc)
+        out["image"].append(image)
+        out["tokens"].append(tokens)
+        out["error"].append(error)
+        out["shape"].append(list(packed.patches.shape) if packed is not None else None)
+        for name in _PACKED:
+            out[name].append(getattr(packed, name).tobytes() if packed is not None else None)
+    return pa.table(
+        {
+            "image": pa.array(out["image"], pa.string()),
+            "tokens": pa.array(out["tokens"], pa.int64()),
+            "error": pa.array(out["error"], pa.string()),
+            "shape": pa.array(out["shape"], pa.list_(pa.int64())),
+            **{name: pa.array(out[name], pa.binary()) for name in _PACKED},
+        }
+    )
+
+
+def unpack_row(row: dict[str, Any], packing: PackingConfig) -> PackedImage:
+    n, width = row["shape"]
+    return PackedImage(
+        patches=np.frombuffer(row["patches"], np.float32).reshape(n, width),
+        spatial=np.frombuffer(row["spatial"], np.int32),
+        scale=np.frombuffer(row["scale"], np.int32),
+        mask=np.frombuffer(row["mask"], np.bool_),
+        layout=(),
+        config=packing,
+    )
+
+
+# ------------------------------------------------------------------------------- stage 2: score
+
+
+def plan_batches(tokens: Sequence[int], config: BatcherConfig) -> list[list[int]]:
+    """Indices of `tokens` grouped into inference batches as the server forms them: items of one
+    length bucket only (`BatcherConfig.bucket`), in order, each batch as `take_batch` fills it.
+    Every item must fit the token budget alone (the caller refuses larger ones first)."""
+    buckets: dict[int, list[int]] = {}
+    for i, t in enumerate(tokens):
+        buckets.setdefault(config.bucket(t), []).append(i)
+    batches: list[list[int]] = []
+    for members in buckets.values():
+        start = 0
+        while start < len(members):
+            count, _ = take_batch((tokens[i] for i in members[start:]), config)
+            if count < 1:
+                raise ValueError(f"an item of {tokens[members[start]]} tokens exceeds the batch budget")
+            batches.append(members[start : start + count])
+            start += count
+    return batches
+
+
+def score_packed(
+    runtime: ModelRuntime, items: Sequence[PackedImage], config: BatcherConfig
+) -> list[Prediction | str]:
+    """A prediction per item, or the error code `too_many_tokens` for one no batch can hold."""
+    results: list[Prediction | str] = ["too_many_tokens"] * len(items)
+    padded = [runtime.padded_length(it.num_tokens) for it in items]
+    fits = [i for i, t in enumerate(padded) if t <= config.max_batch_tokens]
+    for group in plan_batches([padded[i] for i in fits], config):
+        members = [fits[j] for j in group]
+        for i, prediction in zip(members, runtime.predict([items[i] for i in members]), strict=True):
+            results[i] = prediction
+    return results
+
+
+def part_name(images: Sequence[str]) -> str:
+    """A part's name from its images: a retried batch rewrites the same part, never a second one."""
+    return hashlib.sha256("\n".join(images).encode()).hexdigest()[:32]
+
+
+class Scorer:
+    """Stage 2 (an actor): the model, loaded once; scores a batch of rows and writes them."""
+
+    def __init__(
+        self,
+        model: str,
+        output: str,
+        packing: PackingConfig,
+        options: RuntimeOptions,
+        batch_size: int | None = None,
+        max_batch_tokens: int | None = None,
+    ) -> None:
+        self.runtime = ModelRuntime(model, options)
+        self.output = output
+        self.packing = packing
+        defaults = self.runtime.defaults  # the server's batching defaults for this device
+        self.config = BatcherConfig(
+            max_batch_tokens=max_batch_tokens or defaults.max_batch_tokens,
+            max_batch_size=batch_size or defaults.max_batch_size,
+        )
+        self.meta = self.runtime.metadata
+
+    def score_table(self, batch: pa.Table) -> pa.Table:
+        """The output rows for a batch of stage 1's rows."""
+        rows = batch.to_pylist()
+        ok = [i for i, r in enumerate(rows) if r["error"] is None]
+        predictions = score_packed(self.runtime, [unpack_row(rows[i], self.packing) for i in ok], self.config)
+        score: list[float | None] = [None] * len(rows)
+        dist: list[list[float] | None] = [None] * len(rows)
+        errors: list[str | None] = [r["error"] for r in rows]
+        for i, p in zip(ok, predictions, strict=True):
+            if isinstance(p, str):
+                errors[i] = p
+            else:
+                score[i] = p.score
+                dist[i] = list(p.distribution) if p.distribution is not None else None
+        n = len(rows)
+        return pa.table(
+            {
+                "image": [r["image"] for r in rows],
+                "score": pa.array(score, pa.float64()),
+                "distribution": pa.array(dist, pa.list_(pa.float64())),
+                "model": [self.meta.name] * n,
+                "model_version": [self.meta.version] * n,
+                "tokens": pa.array(
+                    [r["tokens"] if e is None else None for r, e in zip(rows, errors, strict=True)],
+                    pa.int64(),
+                ),
+                "error": pa.array(errors, pa.string()),
+            }
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        table = self.score_table(batch)
+        images = table.column("image").to_pylist()
+        write_part(self.output, table, part_name(images))
+        return table.select(["image", "error"])  # the driver needs only this
+
+
+def scorer_class(
+    model: str,
+    output: str,
+    packing: PackingConfig,
+    options: RuntimeOptions,
+    batch_size: int | None,
+    max_batch_tokens: int | None,
+) -> type[Scorer]:
+    """`Scorer` with its arguments bound: Ray Data builds actors from a class, and arguments
+    passed separately live in the object store, where a restarted actor might not find them."""
+
+    class BoundScorer(Scorer):
+        def __init__(self) -> None:
+            super().__init__(model, output, packing, options, batch_size, max_batch_tokens)
+
+    return BoundScorer
+
+
+# ------------------------------------------------------------------------------------ the driver
+
+
+def init_ray(address: str | None, **kwargs: Any) -> None:
+    """Joins the cluster at `address`, or starts a local one sized to this machine. No usage
+    statistics and no dashboard: nothing is sent anywhere, no port is opened for a web UI."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return
+    args: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **args, **kwargs)
+    else:
+        ray.init(address="local", include_dashboard=False, **args, **kwargs)
+
+
+def run(
+    inputs: Sequence[Input],
+    options: BulkOptions,
+    *,
+    skipped: int = 0,
+    on_progress: Callable[[int], None] | None = None,
+) -> Summary:
+    """Scores `inputs` into `options.output` on the Ray cluster `init_ray` connected to."""
+    start = time.perf_counter()
+    if not inputs:
+        return Summary(0, 0, skipped, 0.0, {})
+    import ray
+
+    # The driver reads the model's metadata (and proves the file loads) on the CPU.
+    probe = ModelRuntime(
+        options.model, RuntimeOptions(intra_op_threads=1, providers=("CPUExecutionProvider",))
+    )
+    packing = packing_for(probe.packing, options.max_native_tokens)
+    del probe
+
+    resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+    gpus = int(resources.get("GPU", 0))
+    cpus = float(resources.get("CPU", 1))
+    if gpus:
+        actors = options.actors or gpus
+        actor_resources: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
+        runtime = RuntimeOptions(providers=("CUDAExecutionProvider",))
+        prepare_cpus = 1.0
+    else:
+        # Decoding and packing an image costs about 1/15 of its CPU inference (docs/bulk.md), so
+        # inference gets the cores: each actor reserves all but PREPARE_CPUS of its share, which
+        # leaves one decode task (PREPARE_CPUS each) beside every actor.
+        actors = options.actors or max(1, int(cpus // options.cpus_per_actor))
+        # (At least twice PREPARE_CPUS: resources that differ keep Ray Data from fusing the decode
+        # tasks into the actors, where decoding would wait for inference.)
+        actor_resources = {"num_cpus": max(2 * PREPARE_CPUS, options.cpus_per_actor - PREPARE_CPUS)}
+        runtime = RuntimeOptions(intra_op_threads=max(1, round(options.cpus_per_actor)))
+        prepare_cpus = PREPARE_CPUS
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # the driver draws its own (images, not blocks)
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+    block_rows = max(1, min(options.part_rows, 16))  # inputs per decode task
+    errors: dict[str, int] = {}
+    done = 0
+    operators: tuple[str, ...] = ()
+    if inputs:
+        # Typed Any: Ray's batch types are a union the pyarrow batches here cannot narrow.
+        ds: Any = ray.data.from_items(
+            [{"image": i.image, "uri": i.uri} for i in inputs],
+            override_num_blocks=-(-len(inputs) // block_rows),
+        )
+        ds = ds.map_batches(
+            prepare_batch,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs={"packing": packing, "max_pixels": options.max_pixels},
+            num_cpus=prepare_cpus,  # a task whose worker died runs again (Ray's default: 3 retries)
+        )
+        ds = ds.map_batches(
+            scorer_class(
+                str(options.model),
+                options.output,
+                packing,
+                runtime,
+                options.batch_size,
+                options.max_batch_tokens,
+            ),
+            batch_format="pyarrow",
+            batch_size=options.part_rows,
+            # Ray Data restarts a dead actor (max_restarts=-1: the model loads again) and retries
+            # its unfinished batches (max_task_retries=-1); its defaults, relied on, not repeated.
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            **actor_resources,
+        )
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for code in batch.column("error").to_pylist():
+                if code is not None:
+                    errors[code] = errors.get(code, 0) + 1
+            done += batch.num_rows
+            if on_progress is not None:
+                on_progress(batch.num_rows)
+        operators = tuple(
+            line.split(":", 1)[0].split(" ", 2)[2]
+            for line in ds.stats().splitlines()
+            if line.startswith("Operator ") and line.count(" ") >= 2
+        )
+    return Summary(done, sum(errors.values()), skipped, time.perf_counter() - start, errors, operators)
+
+
+def progress_bar(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="scoring", unit="img", disable=not enabled, file=sys.stderr)

@@ -1,0 +1,58 @@
+"""The one batch-forming rule (`service.batcher.take_batch`) that the server's batcher and
+`musiq bulk`'s actors share, and the actors' use of it (`bulk.pipeline.plan_batches`). No Ray."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service.batcher import BatcherConfig, take_batch
+
+pytest.importorskip("pyarrow", reason="the bulk extra is not installed")
+
+from bulk.pipeline import plan_batches
+
+
+def test_take_batch_stops_at_the_size_or_the_token_budget() -> None:
+    config = BatcherConfig(max_batch_tokens=1000, max_batch_size=3)
+    assert take_batch([100, 100], config) == (2, False)  # room left: not full
+    assert take_batch([100, 100, 100, 100], config) == (3, True)  # the size limit
+    # 2 x 400 fits; a third item pads all three to 400 -> 1200 > 1000
+    assert take_batch([300, 400, 100], config) == (2, True)
+    assert take_batch([], config) == (0, False)
+    assert take_batch([500, 500], config) == (2, False)  # exactly the budget still fits
+    assert take_batch([1001], config) == (0, True)  # too long alone: the caller refuses it
+
+
+@given(
+    st.lists(st.integers(1, 2000), max_size=60),
+    st.integers(1, 8),
+    st.integers(2000, 8000),
+)
+def test_plan_batches_covers_each_item_once_within_the_limits(
+    tokens: list[int], size: int, budget: int
+) -> None:
+    config = BatcherConfig(max_batch_tokens=budget, max_batch_size=size)
+    batches = plan_batches(tokens, config)
+    assert sorted(i for b in batches for i in b) == list(range(len(tokens)))
+    for batch in batches:
+        assert 1 <= len(batch) <= size
+        assert len(batch) * max(tokens[i] for i in batch) <= budget
+        assert len({config.bucket(tokens[i]) for i in batch}) == 1, "one length bucket a batch"
+        assert batch == sorted(batch), "arrival order within a bucket"
+    # Each batch is as large as the rule allows: the next item of its bucket did not fit.
+    for batch in batches:
+        later = [
+            i
+            for i in range(batch[-1] + 1, len(tokens))
+            if config.bucket(tokens[i]) == config.bucket(tokens[batch[0]])
+        ]
+        if later:
+            count, full = take_batch([tokens[i] for i in [*batch, later[0]]], config)
+            assert count == len(batch) and full
+
+
+def test_plan_batches_refuses_an_item_over_the_budget() -> None:
+    with pytest.raises(ValueError, match="exceeds the batch budget"):
+        plan_batches([100, 5000], BatcherConfig(max_batch_tokens=4096, max_batch_size=4))
