@@ -13,6 +13,9 @@ fp32 model (the harness's cached export):
    before the embedding) vs `export.graph.ExportPatchEncoder`, fp32 and int8;
 6. two concurrent runs of one session vs one run at a time (images/s);
 7. ONNX Runtime's operator profile of the served fp32 and int8 graphs (shares of kernel time);
+8. the patch encoder as a Scan over chunks of rows (issue 19, `export.optimize.chunk_patch_encoder`):
+   every variant tried, interleaved with 2048^3 sgemm products (MLAS and torch) in the same loop,
+   on the official-size model (fp32 and int8, 512x384) and the embedded default model (1024x768);
 and the sgemm GFLOP/s of the same run (the best of numpy, torch and ONNX Runtime's MLAS), to put
 the achieved FLOP rates in proportion.
 """
@@ -53,9 +56,16 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", default="runs/bench-cache")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated experiment numbers")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated experiment numbers")
+    parser.add_argument(
+        "--chunks", default="", help="experiment 8: only these chunk sizes, comma-separated (0: before)"
+    )
     args = parser.parse_args()
     only = {int(n) for n in args.only.split(",")}
+    chunks = {int(c) for c in args.chunks.split(",") if c}
+    if only == {8}:  # needs neither the harness's exports nor the service
+        chunked_encoder(Path(args.cache), args.runs, chunks)
+        return
     path = official_models(Path(args.cache))["fp32"]
     peak, engine = sgemm_gflops()
     print(f"sgemm {peak:.1f} GFLOP/s ({engine})")
@@ -149,6 +159,163 @@ def main() -> None:
             shares, ms = operator_profile(model_path, one, args.runs)
             top = ", ".join(f"{op} {share:.0%}" for op, share in shares[:12])
             print(f"  {precision} ({ms:.1f} ms per run, profiled): {top}")
+
+    if 8 in only:
+        chunked_encoder(Path(args.cache), args.runs, chunks)
+
+
+def interleaved_all(fns: dict[str, Callable[[], object]], runs: int, settle: float = 0.2) -> dict[str, float]:
+    """Median seconds of each function, run in turn after one warm-up each.
+
+    The order rotates by one every round (A B C, B C A, C A B, ...), so that no function always
+    follows the same neighbour: torch's OpenMP threads keep spinning for a while after a product
+    and would slow down whichever function came next. `settle` seconds of sleep (untimed) after
+    every call let such threads go idle."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(runs):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            s = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - s)
+            time.sleep(settle)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# Experiment 8's variants: (chunk rows, embedding inside the body, padding rows sliced before the
+# embedding, the ONNX op). Chunk 0 is the graph before issue 19 (the whole batch through each
+# operator).
+CHUNK_VARIANTS = {
+    "whole batch (before)": (0, False, False, "Scan"),
+    "chunk 8": (8, False, False, "Scan"),
+    "chunk 16": (16, False, False, "Scan"),
+    "chunk 32": (32, False, False, "Scan"),
+    "chunk 64": (64, False, False, "Scan"),
+    "chunk 16, Loop instead of Scan": (16, False, False, "Loop"),
+    "chunk 16, embedding in the body": (16, True, False, "Scan"),
+    "chunk 16, padding sliced before the embedding": (16, False, True, "Scan"),
+}
+
+
+def chunked_encoder(cache: Path, runs: int, chunks: set[int] | None = None) -> None:
+    """Experiment 8: each chunking variant against the whole-batch graph and the sgemm, interleaved.
+
+    Sessions use 2 intra-op threads without spinning (as the service runs); pin the process to
+    two cores (`taskset -c 0,1`) on a larger machine. The sgemm products run inside the same
+    interleaved loop, so the roofline's denominator sees the same load as the model."""
+    import numpy as np
+    import torch
+
+    from bench.stats import _ort_matmul
+    from model.checkpoint import load_checkpoint
+    from model.packing import collate
+
+    torch.set_num_threads(2)
+    n = 2048
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    mlas = _ort_matmul(n)
+    sgemm = {
+        "sgemm MLAS 2048^3": lambda: mlas.run(None, {"a": a, "b": b}),
+        "sgemm torch 2048^3": lambda: torch.mm(ta, tb),
+    }
+    root = Path(__file__).resolve().parents[1]
+    default_ckpt = root / "model" / "weights" / "default.safetensors"
+    default_cfg = load_checkpoint(default_ckpt).config
+    images = {im.name: im for im in load_mix("512x384", OFFICIAL) + load_mix("mixed", OFFICIAL)}
+    cases = [
+        ("official-size", "512x384", OFFICIAL, None, ("fp32", "int8")),
+        ("default (embedded)", "1024x768", default_cfg, default_ckpt, ("fp32",)),
+    ]
+    for label, image, cfg, ckpt, precisions in cases:
+        packed = compact(pack(decode_image(images[image].data), cfg.packing()))
+        batch = collate([packed])
+        feeds = {"patches": batch.patches, "spatial": batch.spatial, "scale": batch.scale, "mask": batch.mask}
+        flops = forward_flops(cfg, packed.num_tokens)
+        for precision in precisions:
+            files = _chunk_variant_files(cache, label, cfg, ckpt, precision)
+            if chunks:  # the before graph, and the plain variants of the chunk sizes asked for
+                files = {k: f for k, f in files.items() if CHUNK_VARIANTS[k][0] in chunks and "," not in k}
+            if ckpt is not None and precision == "fp32":
+                files["model/weights/default.onnx (shipped)"] = root / "model" / "weights" / "default.onnx"
+            sessions = {name: _two_thread_session(path) for name, path in files.items()}
+            scores = {name: float(s.run(None, feeds)[0][0]) for name, s in sessions.items()}
+            fns: dict[str, Callable[[], object]] = {
+                name: (lambda s=s, f=feeds: s.run(None, f)) for name, s in sessions.items()
+            }
+            med = interleaved_all({**fns, **sgemm}, runs)
+            peak_name = max(sgemm, key=lambda k: 2 * n**3 / med[k])
+            peak = 2 * n**3 / med[peak_name] / 1e9
+            before = med["whole batch (before)"]
+            print(
+                f"\n8. {label} {precision}, {image} ({packed.num_tokens} tokens, batch 1, 2 threads), "
+                f"median of {runs} interleaved rounds; sgemm "
+                + ", ".join(f"{k.split()[1]} {2 * n**3 / med[k] / 1e9:.0f}" for k in sgemm)
+                + f" GFLOP/s (roofline: {peak_name.split()[1]})"
+            )
+            for name in files:
+                print(
+                    f"  {name:48s} {med[name] * 1e3:7.1f} ms  x{before / med[name]:.2f}  "
+                    f"{roofline_fraction(flops, 1 / med[name], peak):4.0%} of sgemm  score {scores[name]:.5f}"
+                )
+
+
+def _two_thread_session(path: Path) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 2
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _chunk_variant_files(
+    cache: Path, label: str, cfg: object, ckpt: Path | None, precision: str
+) -> dict[str, Path]:
+    """Experiment 8's ONNX files (traced, fused, int8-quantised where asked), cached by name. The
+    official-size model has random weights (seed 0, as bench/export_speed.py): speed does not
+    depend on them."""
+    import tempfile
+
+    import onnx
+    import torch
+
+    from export.graph import ScoringGraph, export_graph
+    from export.optimize import fuse, to_int8
+    from model.checkpoint import load_checkpoint
+    from model.network import Musiq, build_model
+
+    slug = "official" if ckpt is None else "default"
+    plain = {k: v for k, v in CHUNK_VARIANTS.items() if "," not in k}  # int8: chunk sizes only
+    variants = CHUNK_VARIANTS if precision == "fp32" else plain
+    files = {
+        name: cache / f"chunk-{slug}-{c}-{int(e)}{int(s)}-{op}.{precision}.onnx"
+        for name, (c, e, s, op) in variants.items()
+    }
+    missing = [name for name, f in files.items() if not f.is_file()]
+    if missing:
+        if ckpt is None:
+            torch.manual_seed(0)
+            model = Musiq(OFFICIAL).eval()
+            with torch.no_grad():
+                model.head.weight.normal_(0, 0.05)
+        else:
+            model = build_model(load_checkpoint(ckpt))
+        cache.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            chunk, embed, slice_first, op = variants[name]
+            graph = ScoringGraph(
+                model, chunk=chunk, embed_in_chunk=embed, slice_first=slice_first, encoder_op=op
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                traced = onnx.load(export_graph(graph, Path(tmp) / "traced.onnx"))
+            fused = fuse(traced, model.config.num_heads, model.config.hidden_size)
+            onnx.save(to_int8(fused) if precision == "int8" else fused, files[name])
+    return files
 
 
 def operator_profile(path: Path, packed: PackedImage, runs: int) -> tuple[list[tuple[str, float]], float]:

@@ -22,15 +22,23 @@ nodes, GroupNorm becomes one LayerNormalization over each contiguous channel gro
 per-channel affine, and the embedding's weight rows are permuted so that it reads the feature map
 in the convolutions' own (c, h, w) order, which removes a transpose of the largest activation.
 Same arithmetic; ~11 % less fp32 and ~15 % less int8 time at 342 tokens (bench/results/PERFORMANCE.md).
+
+With `chunk` > 0 the encoder's convolutions run as an ONNX Scan over that many rows (tokens) at
+a time (issue 19): traced as one placeholder node (`_ChunkedEncoderFn`), which `export_graph`
+replaces by the Scan (`export.optimize.chunk_patch_encoder`), its body traced separately with
+static shapes, so that each chunk's 64 KiB-per-token feature maps stay in a core's L2; the
+embedding stays one MatMul over all rows. Measured, it is not the default (`ENCODER_CHUNK`).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, cast
 
+import onnx
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +46,11 @@ from torch import nn
 from model.network import RESNET_WIDTH, Attention, Musiq, PatchEncoder, StdConv2d, head_score
 
 INPUT_NAMES = ("patches", "spatial", "scale", "mask")
+# Rows per iteration of the patch encoder's Scan (export.optimize.chunk_patch_encoder); 0 exports
+# the whole batch through each operator. Off by default: on a quiet machine the Scan's per-chunk
+# overhead outweighed the cache it saves (bench/results/PERFORMANCE.md, issue 19); it won only
+# while other processes contended for the caches and memory bandwidth.
+ENCODER_CHUNK = 0
 
 
 class _FusedAttentionFn(torch.autograd.Function):
@@ -134,8 +147,16 @@ class _SamePadMaxPoolFn(torch.autograd.Function):
         return g.op("MaxPool", x, kernel_shape_i=[3, 3], strides_i=[2, 2], pads_i=[top, left, bottom, right])
 
 
-def _same_conv(conv: StdConv2d, x: torch.Tensor) -> torch.Tensor:
-    return _SamePadConvFn.apply(x, conv.standardized_weight(), conv.pads, conv.stride[0])
+def _same_conv(conv: StdConv2d, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+    """`plain`: the eager arithmetic only, for use inside another Function's forward (the tracer
+    fails on a Function applied inside one)."""
+    assert conv.pads is not None  # StdConv2d built with its input size, as the encoder's are
+    args = (x, conv.standardized_weight(), conv.pads, conv.stride[0])
+    return _SamePadConvFn.forward(None, *args) if plain else _SamePadConvFn.apply(*args)
+
+
+def _same_max_pool(x: torch.Tensor, pads: tuple[int, int, int, int], plain: bool = False) -> torch.Tensor:
+    return _SamePadMaxPoolFn.forward(None, x, pads) if plain else _SamePadMaxPoolFn.apply(x, pads)
 
 
 def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, size: int) -> torch.Tensor:
@@ -149,17 +170,55 @@ def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, size: int) -> torch.Tensor:
     return y * norm.weight[:, None, None] + norm.bias[:, None, None]
 
 
+_ENCODERS: weakref.WeakValueDictionary[int, ExportPatchEncoder] = weakref.WeakValueDictionary()
+
+
+class _ChunkedEncoderFn(torch.autograd.Function):
+    """Eager: the patch encoder and its embedding over every row at once; ONNX: one placeholder
+    node, `musiq::ChunkedPatchEncoder`, which `export_graph` replaces by a Scan over chunks of
+    rows (`export.optimize.chunk_patch_encoder`)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, rows: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, key: int, chunk: int
+    ) -> torch.Tensor:
+        # The encoder travels as a key (a Function's arguments are tensors and scalars). While
+        # tracing, its arithmetic must not be recorded (the placeholder stands for it, and the
+        # tracer fails on it): tracing is paused through torch's private switch, untyped in its stubs.
+        jit: Any = torch._C
+        state = jit._get_tracing_state()
+        jit._set_tracing_state(None)
+        try:
+            x = _ENCODERS[key].features(rows, plain=True)
+            return torch.addmm(bias, x.reshape(x.shape[0], -1), weight_t)
+        finally:
+            jit._set_tracing_state(state)
+
+    @staticmethod
+    def symbolic(
+        g: Any, rows: torch.Value, weight_t: torch.Value, bias: torch.Value, key: int, chunk: int
+    ) -> torch.Value:
+        out = g.op("musiq::ChunkedPatchEncoder", rows, weight_t, bias, chunk_i=chunk)
+        d = cast(torch.TensorType, weight_t.type()).sizes()
+        assert d is not None
+        out.setType(cast(torch.TensorType, rows.type()).with_sizes([None, d[-1]]))
+        return out
+
+
 class ExportPatchEncoder(nn.Module):
     """`model.network.PatchEncoder` ("resnet" or "conv") in the form ONNX Runtime runs fastest.
 
     Computes the same function; the exporter's parity check compares it with the original.
+    `chunk` > 0 exports the convolutions as a Scan over `chunk` rows at a time (see
+    `export.optimize.chunk_patch_encoder`), so that their feature maps stay in the CPU's cache.
     """
 
-    def __init__(self, encoder: PatchEncoder) -> None:
+    def __init__(self, encoder: PatchEncoder, chunk: int = 0) -> None:
         super().__init__()
         if encoder.root is None:
             raise ValueError("a linear patch encoder needs no rewrite")
         self.patch_size = p = encoder.patch_size
+        self.chunk = chunk
         self.root, self.block = encoder.root, encoder.block
         channels = 4 * RESNET_WIDTH if self.block is not None else RESNET_WIDTH
         weight = encoder.embedding.weight.detach()  # [D, (h, w, c)]
@@ -170,26 +229,80 @@ class ExportPatchEncoder(nn.Module):
             self.embedding.weight.copy_(weight)
             self.embedding.bias.copy_(encoder.embedding.bias)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        b, n, p = patches.shape[0], patches.shape[1], self.patch_size
+    def features(self, rows: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        """Patch rows [..., P*P*3] -> NCHW feature maps [rows, C, h, w] (`plain`: see `_same_conv`)."""
+        p = self.patch_size
         root, block = self.root, self.block
-        x = patches.reshape(-1, p, p, 3).permute(0, 3, 1, 2)  # NHWC rows -> NCHW
-        x = F.relu(_group_norm(root.norm, _same_conv(root.conv, x), p // 2))
-        x = _SamePadMaxPoolFn.apply(x, root.pool_pads)
+
+        def conv(c: StdConv2d, x: torch.Tensor) -> torch.Tensor:
+            return _same_conv(c, x, plain)
+
+        x = rows.reshape(-1, p, p, 3).permute(0, 3, 1, 2)  # NHWC rows -> NCHW
+        x = F.relu(_group_norm(root.norm, conv(root.conv, x), p // 2))
+        x = _same_max_pool(x, root.pool_pads, plain)
         if block is not None:
             q = p // 4
-            residual = _group_norm(block.gn_proj, _same_conv(block.conv_proj, x), q)
-            y = F.relu(_group_norm(block.gn1, _same_conv(block.conv1, x), q))
-            y = F.relu(_group_norm(block.gn2, _same_conv(block.conv2, y), q))
-            x = F.relu(residual + _group_norm(block.gn3, _same_conv(block.conv3, y), q))
+            residual = _group_norm(block.gn_proj, conv(block.conv_proj, x), q)
+            y = F.relu(_group_norm(block.gn1, conv(block.conv1, x), q))
+            y = F.relu(_group_norm(block.gn2, conv(block.conv2, y), q))
+            x = F.relu(residual + _group_norm(block.gn3, conv(block.conv3, y), q))
+        return x
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        b, n, p = patches.shape[0], patches.shape[1], self.patch_size
+        if self.chunk:
+            rows = patches.reshape(-1, p * p * 3)
+            w = self.embedding.weight.t()
+            _ENCODERS[id(self)] = self
+            out = _ChunkedEncoderFn.apply(rows, w, self.embedding.bias, id(self), self.chunk)
+            return out.reshape(b, n, -1)
+        x = self.features(patches)  # the graph exported before issue 19, node for node
         return self.embedding(x.reshape(b, n, -1))  # (c, h, w) order: the permuted weight's
+
+    def body(self, path: str | Path, opset: int) -> Path:
+        """The Scan body's computation as its own ONNX file: [chunk, P*P*3] -> [chunk, C*h*w],
+        static shapes."""
+
+        class Body(nn.Module):
+            def __init__(self, encoder: ExportPatchEncoder) -> None:
+                super().__init__()
+                self.encoder = encoder  # a submodule: its weights trace as initializers
+
+            def forward(self, rows: torch.Tensor) -> torch.Tensor:
+                x = self.encoder.features(rows)
+                return x.reshape(x.shape[0], -1)
+
+        rows = torch.rand(self.chunk, self.patch_size**2 * 3) * 2 - 1
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                Body(self),
+                (rows,),
+                str(path),
+                dynamo=False,
+                input_names=["rows"],
+                output_names=["features"],
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+        return Path(path)
 
 
 class ScoringGraph(nn.Module):
     """What the server runs: packed tokens in, score (and distribution) out."""
 
-    def __init__(self, model: Musiq, fused_attention: bool = True, export_encoder: bool = True) -> None:
-        """`export_encoder=False` keeps the network's own patch encoder (for A/B timings)."""
+    def __init__(
+        self,
+        model: Musiq,
+        fused_attention: bool = True,
+        export_encoder: bool = True,
+        chunk: int = ENCODER_CHUNK,
+        embed_in_chunk: bool = False,
+        slice_first: bool = False,
+        encoder_op: str = "Scan",
+    ) -> None:
+        """`export_encoder=False` keeps the network's own patch encoder (for A/B timings);
+        `chunk` is the encoder Scan's rows per iteration (0: no Scan, the whole batch at once)."""
         super().__init__()
         model = copy.deepcopy(model).eval().fold_weight_standardization()
         if fused_attention:
@@ -198,7 +311,10 @@ class ScoringGraph(nn.Module):
         if export_encoder and model.patch_encoder.root is not None:
             # The same computation in another module type (not a PatchEncoder subclass): the
             # attribute's declared type is the network's own encoder.
-            model.patch_encoder = ExportPatchEncoder(model.patch_encoder)  # type: ignore[assignment]
+            model.patch_encoder = ExportPatchEncoder(model.patch_encoder, chunk)  # type: ignore[assignment]
+        self.embed_in_chunk = embed_in_chunk
+        self.slice_first = slice_first
+        self.encoder_op = encoder_op
         self.model = model
         self.head = model.config.head
 
@@ -274,5 +390,17 @@ def export_graph(graph: ScoringGraph, path: str | Path, opset: int = 17) -> Path
             dynamic_axes=axes,
             opset_version=opset,
             do_constant_folding=True,
+        )
+    encoder = graph.model.patch_encoder
+    if isinstance(encoder, ExportPatchEncoder) and encoder.chunk:
+        from export.optimize import chunk_patch_encoder
+
+        body = onnx.load(encoder.body(path.with_name(path.name + ".body.onnx"), opset))
+        path.with_name(path.name + ".body.onnx").unlink()
+        onnx.save(
+            chunk_patch_encoder(
+                onnx.load(path), body, graph.embed_in_chunk, graph.slice_first, graph.encoder_op
+            ),
+            path,
         )
     return path
