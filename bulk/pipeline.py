@@ -125,8 +125,8 @@ def error_code(exc: Exception) -> str:
         return "image_too_large"
     if isinstance(exc, ImageDecodeError):
         code = f"image_{exc.reason}"
-        # A reason the service's table lacks (today: unsupported_mode) is an image the server
-        # cannot use either; the nearest code in the table stands in for it.
+        # Every reason model/decode.py raises has its code in the service's table (tests check it);
+        # a reason added there before the table learns it falls back to the nearest code.
         return code if code in ERRORS else "image_unrecognised"
     if isinstance(exc, FileNotFoundError):
         return "image_not_found"

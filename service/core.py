@@ -186,6 +186,7 @@ class ScoringCore:
                 slab_bytes=self.settings.decode_slab_mb * 2**20,
                 task_timeout_s=self.settings.request_timeout_s,
                 heap_keep_mb=self.settings.heap_keep_mb,
+                on_replace=self.metrics.decode_worker_restarts.inc,
             )
             self.prepare_pool.start()
             self.dispatch = ThreadPoolExecutor(processes, thread_name_prefix="musiq-prepare")

@@ -43,6 +43,8 @@ ERRORS: dict[str, ErrorKind] = {
     "image_not_found": _BAD,
     "image_unreadable": _BAD,
     "image_unrecognised": ErrorKind(415, grpc.StatusCode.INVALID_ARGUMENT),
+    # a known format in a pixel mode the decoder cannot turn into RGB (model/decode.py `_convert`)
+    "image_unsupported_mode": ErrorKind(415, grpc.StatusCode.INVALID_ARGUMENT),
     "unsupported_media_type": ErrorKind(415, grpc.StatusCode.INVALID_ARGUMENT),
     "unknown_model": ErrorKind(404, grpc.StatusCode.NOT_FOUND),
     "no_explanations": ErrorKind(404, grpc.StatusCode.NOT_FOUND),

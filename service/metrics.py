@@ -161,6 +161,13 @@ class ServiceMetrics:
         self.rejected = Counter(
             "musiq_rejected_requests", "Requests refused, by reason.", ["reason"], registry=r
         )
+        # A decode worker that keeps dying (a decoder crash, the memory limit) shows here before
+        # its 503s pile up; service/prepare_pool.py calls back, it does not import this module.
+        self.decode_worker_restarts = Counter(
+            "musiq_decode_worker_restarts",
+            "Decode worker processes replaced after dying or overrunning their time limit.",
+            registry=r,
+        )
         self.model_info = Gauge(
             "musiq_model_info",
             "Loaded models (value 1).",

@@ -16,6 +16,15 @@ socket; the caller copies the arrays out, and the slab is free for the worker's 
 result larger than the slab (a huge image with no native-token cap) travels pickled through the
 socket instead: slower, never refused.
 
+Lent slabs: `score_input` copies nothing. Besides its copy slab, each worker has `lease_slabs` more;
+a scoring result is written into a free one and returned as read-only arrays over it, and the slab
+returns to the free list only when the last array (or view of one) over it is garbage: the arrays'
+memory is owned by one ctypes object exported from the mmap, and a `weakref.finalize` on that object
+frees the slot (numpy keeps the buffer's owner alive through every derived view; a memoryview would
+not, numpy re-wraps it). The batcher's collate copies the rows into the batch anyway, so the 11 MB
+copy out of the slab (~0.7 ms of server CPU per 1024x768 image) was pure overhead. When every lent
+slab of a worker is still held (a deep queue), the image goes through the copy slab as before.
+
 Failure: a worker that dies while preparing an image (killed, out of memory, a decoder crash) or
 takes longer than `task_timeout_s` makes that one call raise `WorkerDied`, and a replacement worker
 is started at once (one found dead while idle is replaced before it is given an image). Decode
@@ -34,6 +43,7 @@ worker, which wait on the socket with the GIL released.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 import os
 import queue
@@ -44,6 +54,8 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -76,6 +88,7 @@ class _Task:
     data: bytes
     packing: PackingConfig
     full: bool  # the decoded pixels and the official layout too (explanations), not only the compute rows
+    slot: int = 0  # the slab to write into: 0 the copy slab, 1.. a lent one
 
 
 @dataclass(frozen=True)
@@ -129,16 +142,18 @@ def _reply(prepared: Prepared, full: bool, slab: memoryview) -> _Reply:
 
 
 def _worker_main() -> None:
-    """A worker's loop (`python -c`, argv: socket fd, slab fd, slab bytes, max_pixels, drop,
-    heap_keep_mb): a task in, a reply (or the decode error) out, until None or the server's end closes."""
+    """A worker's loop (`python -c`, argv: socket fd, slab fds (comma-separated), slab bytes,
+    max_pixels, drop, heap_keep_mb): a task in, a reply (or the decode error) out, until None or the
+    server's end closes."""
     from service.heap import keep_freed_memory
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the server stops us
-    sock_fd, slab_fd, slab_bytes, max_pixels, drop, heap_keep_mb = (int(a) for a in sys.argv[1:7])
+    sock_fd = int(sys.argv[1])
+    slab_fds = [int(fd) for fd in sys.argv[2].split(",")]
+    slab_bytes, max_pixels, drop, heap_keep_mb = (int(a) for a in sys.argv[3:7])
     keep_freed_memory(heap_keep_mb)  # packing's arrays reuse pages, as in the server (service/heap.py)
     conn = Connection(sock_fd)
-    slab = mmap.mmap(slab_fd, slab_bytes)
-    view = memoryview(slab)
+    views = [memoryview(mmap.mmap(fd, slab_bytes)) for fd in slab_fds]
     conn.send(os.getpid())
     while True:
         try:
@@ -151,7 +166,7 @@ def _worker_main() -> None:
             prepared = prepare_image(
                 task.data, task.packing, max_pixels=max_pixels, drop_padding_rows=bool(drop)
             )
-            answer: object = _reply(prepared, task.full, view)
+            answer: object = _reply(prepared, task.full, views[task.slot])
         except Exception as exc:  # ImageDecodeError (with its reason), or a bug: the caller re-raises it
             answer = exc
         try:
@@ -175,14 +190,26 @@ def _memory_file(size: int) -> int:
 
 
 class _Worker:
-    """One worker process, its socket and its slab (the slab outlives the process: a replacement
-    reuses it)."""
+    """One worker process, its socket and its slabs: slot 0 copied out, slots 1.. lent (the slabs
+    outlive the process: a replacement reuses them)."""
 
-    def __init__(self, index: int, slab_bytes: int, max_pixels: int, drop: bool, heap_keep_mb: int) -> None:
+    def __init__(
+        self, index: int, slab_bytes: int, max_pixels: int, drop: bool, heap_keep_mb: int, lease_slabs: int
+    ) -> None:
         self.index, self.slab_bytes = index, slab_bytes
         self.args = (max_pixels, int(drop), heap_keep_mb)
-        self.slab_fd = _memory_file(slab_bytes)
-        self.slab = mmap.mmap(self.slab_fd, slab_bytes)
+        self.slab_fds: list[int] = []
+        self.slabs: list[mmap.mmap] = []
+        for _ in range(1 + lease_slabs):
+            self.slab_fds.append(_memory_file(slab_bytes))
+            self.slabs.append(mmap.mmap(self.slab_fds[-1], slab_bytes))
+        # One ctypes type per worker (ctypes caches array types by length: one per image size would grow).
+        self.lease_type = ctypes.c_char * slab_bytes
+        # Free lent slots. A SimpleQueue: its put is safe from a finalizer, which runs wherever the
+        # last view happens to be dropped (any thread, any lock held).
+        self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for slot in range(1, 1 + lease_slabs):
+            self.free.put(slot)
         self.process: subprocess.Popen[bytes] | None = None
         self.conn: Connection | None = None
         self.ready = False  # its hello (the pid) has been read
@@ -197,11 +224,11 @@ class _Worker:
                     _WORKER_CODE,
                     _ROOT,
                     str(theirs.fileno()),
-                    str(self.slab_fd),
+                    ",".join(map(str, self.slab_fds)),
                     str(self.slab_bytes),
                     *map(str, self.args),
                 ],
-                pass_fds=(theirs.fileno(), self.slab_fd),
+                pass_fds=(theirs.fileno(), *self.slab_fds),
                 stdin=subprocess.DEVNULL,
             )
             # only the worker keeps its end: its death is EOF here
@@ -227,8 +254,12 @@ class _Worker:
         self.process, self.conn = None, None
 
     def close(self) -> None:
-        self.slab.close()
-        os.close(self.slab_fd)
+        for slab, fd in zip(self.slabs, self.slab_fds, strict=True):
+            # A lent slab still viewed by some array cannot be unmapped: it stays mapped until that
+            # array goes (closing its descriptor does not unmap it).
+            with contextlib.suppress(BufferError):
+                slab.close()
+            os.close(fd)
 
     def call(self, task: _Task, timeout_s: float) -> _Reply:
         """Sends one task, returns the reply; `WorkerDied` if the process ends or overruns."""
@@ -277,14 +308,17 @@ class PreparePool:
         slab_bytes: int = 64 * 2**20,
         task_timeout_s: float = 60.0,
         heap_keep_mb: int = 256,
+        lease_slabs: int = 4,
+        on_replace: Callable[[], None] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError(f"a prepare pool needs at least one process, got {processes}")
         self.processes = processes
         self.max_pixels, self.drop = max_pixels, drop_padding_rows
         self.slab_bytes, self.task_timeout_s = slab_bytes, task_timeout_s
-        self.heap_keep_mb = heap_keep_mb
-        self.replaced = 0  # workers restarted after dying or overrunning (a metric and the tests read it)
+        self.heap_keep_mb, self.lease_slabs = heap_keep_mb, lease_slabs
+        self.replaced = 0  # workers restarted after dying or overrunning (the tests read it)
+        self._on_replace = on_replace  # the server's metric (this module imports no server code)
         self._workers: list[_Worker] = []
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -294,7 +328,9 @@ class PreparePool:
         """Creates the slabs and starts every worker; does not wait for them to import (their first
         task waits), so that they start while the models load."""
         for i in range(self.processes):
-            worker = _Worker(i, self.slab_bytes, self.max_pixels, self.drop, self.heap_keep_mb)
+            worker = _Worker(
+                i, self.slab_bytes, self.max_pixels, self.drop, self.heap_keep_mb, self.lease_slabs
+            )
             self._workers.append(worker)
             try:
                 worker.start()
@@ -322,17 +358,24 @@ class PreparePool:
         return [w.process.pid for w in self._workers if w.process is not None]
 
     def score_input(self, data: bytes, packing: PackingConfig) -> ScoreInput:
-        reply, worker = self._run(_Task(data, packing, full=False))
+        """The compute rows as read-only arrays over a lent slab (no copy) when one is free."""
+        reply, worker, slot = self._run(_Task(data, packing, full=False), lend=True)
         try:
-            arrays = self._copy_out(reply, worker)
+            if slot and reply.inline is None:
+                arrays = self._lend(reply, worker, slot)
+                slot = 0  # the lease frees it now
+            else:
+                arrays = self._copy_out(reply, worker)
         finally:
+            if slot:
+                worker.free.put(slot)
             self._idle.put(worker)
         return ScoreInput(
             self._packed(arrays[:4], reply.compute_layout, packing), reply.tokens, reply.timings
         )
 
     def prepare(self, data: bytes, packing: PackingConfig) -> Prepared:
-        reply, worker = self._run(_Task(data, packing, full=True))
+        reply, worker, _ = self._run(_Task(data, packing, full=True), lend=False)
         try:
             arrays = self._copy_out(reply, worker)
         finally:
@@ -345,9 +388,10 @@ class PreparePool:
         )
         return Prepared(arrays[4], packed, compute, reply.timings)
 
-    def _run(self, task: _Task) -> tuple[_Reply, _Worker]:
-        """Runs a task on the next free worker; on success the worker is returned still taken (its
-        slab holds the result until copied out)."""
+    def _run(self, task: _Task, lend: bool) -> tuple[_Reply, _Worker, int]:
+        """Runs a task on the next free worker, into a free lent slab if `lend` and one is free (else
+        the copy slab, slot 0); on success the worker is returned still taken (its copy slab holds the
+        result until copied out) with the slot, which the caller lends or frees."""
         if self._closed:
             raise RuntimeError("the prepare pool is closed")
         worker = self._idle.get()
@@ -355,15 +399,49 @@ class PreparePool:
             with self._lock:
                 worker.stop(timeout_s=1.0)
                 worker.start()
-                self.replaced += 1
+                self._replaced()
+        slot = 0
+        if lend:
+            with contextlib.suppress(queue.Empty):
+                slot = worker.free.get_nowait()
         try:
-            return worker.call(task, self.task_timeout_s), worker
+            return (
+                worker.call(_Task(task.data, task.packing, task.full, slot), self.task_timeout_s),
+                worker,
+                slot,
+            )
         except WorkerDied:
+            if slot:
+                worker.free.put(slot)  # nothing views it: the replacement writes it only when told to
             self._replace(worker)
             raise
         except BaseException:
+            if slot:
+                worker.free.put(slot)
             self._idle.put(worker)
             raise
+
+    def _replaced(self) -> None:
+        """Counts a replacement (called under `_lock`)."""
+        self.replaced += 1
+        if self._on_replace is not None:
+            self._on_replace()
+
+    @staticmethod
+    def _lend(reply: _Reply, worker: _Worker, slot: int) -> list[np.ndarray]:
+        """Read-only arrays over lent slab `slot`; the slot is freed once none of them (nor any view
+        of them) is left. Their memory's owner is one ctypes object exported from the mmap: every
+        numpy view keeps it alive, and its finalizer frees the slot."""
+        owner = worker.lease_type.from_buffer(worker.slabs[slot])
+        weakref.finalize(owner, worker.free.put, slot)
+        out = []
+        for dtype, shape, offset in reply.arrays:
+            dt = np.dtype(dtype)
+            count = int(np.prod(shape, dtype=np.int64))
+            array = np.frombuffer(owner, dt, count, offset).reshape(shape)  # type: ignore[call-overload]  # ctypes arrays export a buffer
+            array.flags.writeable = False  # the slab is shared memory: nothing here writes it
+            out.append(array)
+        return out
 
     def _replace(self, worker: _Worker) -> None:
         """Starts a fresh process in a dead worker's place (its slab is reused) and frees the slot."""
@@ -371,13 +449,13 @@ class PreparePool:
             worker.stop(timeout_s=1.0)
             if not self._closed:
                 worker.start()
-                self.replaced += 1
+                self._replaced()
         self._idle.put(worker)
 
     def _copy_out(self, reply: _Reply, worker: _Worker) -> list[np.ndarray]:
         if reply.inline is not None:
             return list(reply.inline)
-        buf = worker.slab
+        buf = worker.slabs[0]
         out = []
         for dtype, shape, offset in reply.arrays:
             dt = np.dtype(dtype)

@@ -86,6 +86,42 @@ def test_workers_give_exactly_what_prepare_image_gives(drop: bool) -> None:
         assert set(scored.timings) == {"decode_s", "pack_s"}
 
 
+def test_a_lent_slab_is_never_rewritten_while_a_view_of_it_lives() -> None:
+    """`score_input` hands out arrays over a lent slab, not copies: the slab may take a new image only
+    once nothing views it, derived views (a slice of the rows) included. With every lent slab held,
+    images go through the copy slab and are still right."""
+    import gc
+
+    p = PreparePool(1, max_pixels=MAX_PIXELS, drop_padding_rows=True, lease_slabs=2)
+    p.start()
+    worker = p._workers[0]
+    try:
+        first = p.score_input(jpeg(200, 260, seed=1), PACKING)
+        assert not first.compute.patches.flags.writeable  # shared memory: read-only here
+        view = first.compute.patches[1:5]  # a derived view outlives the result it came from
+        kept = view.copy()
+        del first
+        gc.collect()
+        assert worker.free.qsize() == 1  # the view still holds its slab
+        held = []
+        for seed in range(2, 8):  # more images than free slabs: one lent, the rest copied
+            data = jpeg(200, 260, seed=seed)
+            got = p.score_input(data, PACKING)
+            want = prepare_image(data, PACKING, max_pixels=MAX_PIXELS, drop_padding_rows=True)
+            _same_packed(got.compute, want.compute)
+            assert np.array_equal(view, kept), seed  # never rewritten under the live view
+            held.append(got)
+        assert worker.free.qsize() == 0
+        del held, got
+        gc.collect()
+        assert worker.free.qsize() == 1
+        del view
+        gc.collect()
+        assert worker.free.qsize() == 2  # every slot back once nothing views it
+    finally:
+        p.close()
+
+
 def test_decode_errors_cross_with_their_reason(pool: PreparePool) -> None:
     with pytest.raises(ImageDecodeError) as err:
         pool.score_input(b"not an image at all", PACKING)
@@ -199,6 +235,8 @@ def test_the_server_maps_a_dead_worker_to_503_and_leaks_nothing_on_shutdown() ->
         (dead,) = replies
         assert dead.status_code == 503 and dead.json()["error"]["code"] == "decode_failed", dead.text
         assert dead.headers.get("retry-after") == "1"
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        assert "musiq_decode_worker_restarts_total 1.0" in metrics.splitlines()
         again = _post(url, jpeg(seed=3))
         assert again.status_code == 200, again.text
         assert httpx.get(f"{url}/readyz", timeout=5).status_code == 200
