@@ -120,6 +120,11 @@ def test_default_render() -> None:
     env = {e["name"]: e["value"] for e in container["env"]}
     assert "MUSIQ_MODELS" not in env  # the embedded model
     assert env["MUSIQ_MAX_QUEUE_ITEMS"] == "512"
+    from service.settings import ServiceSettings
+
+    # decode worker processes: the chart states the service's own default
+    default = ServiceSettings.model_fields["decode_processes"].default
+    assert env["MUSIQ_DECODE_PROCESSES"] == str(default) == "2"
     assert [v["name"] for v in pod["volumes"]] == ["tmp"]
     assert len(pod["topologySpreadConstraints"]) == 2
     ports = {p["name"]: p["appProtocol"] for p in kinds["Service"]["spec"]["ports"]}
@@ -227,5 +232,6 @@ def test_gpu_values_run_the_cuda_image_with_real_settings() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MUSIQ_PROVIDERS"] == '["CUDAExecutionProvider","CPUExecutionProvider"]'
+    assert env["MUSIQ_DECODE_PROCESSES"] == "12"  # a 16-core GPU host
     unknown = [n for n in env if n.startswith("MUSIQ_") and n[6:].lower() not in ServiceSettings.model_fields]
     assert not unknown, f"settings the service does not have: {unknown}"
