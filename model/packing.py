@@ -14,7 +14,7 @@ fixed ceil(L / P)^2 rows; the native scale keeps all its patches unless capped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -263,17 +263,30 @@ def collate(items: Sequence[PackedImage], pad_to: int | None = None) -> PackedBa
         it = items[0]
         return PackedBatch(it.patches[None], it.spatial[None], it.scale[None], it.mask[None])
     b = len(items)
-    patches = np.zeros((b, length, dims.pop()), np.float32)
-    spatial = np.zeros((b, length), np.int32)
-    scale = np.zeros((b, length), np.int32)
-    mask = np.zeros((b, length), bool)
-    for i, it in enumerate(items):
-        n = it.num_tokens
-        patches[i, :n] = it.patches
-        spatial[i, :n] = it.spatial
-        scale[i, :n] = it.scale
-        mask[i, :n] = it.mask
-    return PackedBatch(patches, spatial, scale, mask)
+    arrays = {
+        "patches": np.empty((b, length, dims.pop()), np.float32),
+        "spatial": np.empty((b, length), np.int32),
+        "scale": np.empty((b, length), np.int32),
+        "mask": np.empty((b, length), bool),
+    }
+    write_rows(arrays, items, range(b))
+    return PackedBatch(**arrays)
+
+
+def write_rows(arrays: Mapping[str, np.ndarray], items: Sequence[PackedImage], rows: Iterable[int]) -> None:
+    """Writes `items[i]` into row i of each named batch array ([B, N] or [B, N, D]: "patches",
+    "spatial", "scale", "mask") for each i in `rows`, zeroing the padding after it.
+
+    What `collate` does into arrays it allocates; apart, so that a caller that owns the arrays
+    (the server's reused, page-locked GPU input buffers, possibly fp16) fills them the same way,
+    and can fill disjoint rows from several threads. Values are cast to the arrays' dtypes.
+    """
+    for i in rows:
+        item = items[i]
+        n = item.num_tokens
+        for name, out in arrays.items():
+            out[i, :n] = getattr(item, name)
+            out[i, n:] = 0
 
 
 def split_official_rows(rows: np.ndarray) -> PackedBatch:

@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.metadata import LINKED_CHECKPOINT, ModelMetadata
-from model.packing import PackedImage, collate
+from model.packing import PackedImage, collate, write_rows
 
 logger = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class BoundInputs:
     """One set of host buffers, one per model input, reused batch after batch; grows, never shrinks.
 
     `views(batch, length)` gives arrays shaped for that batch, laid over the start of each buffer;
-    `fill` writes packed images into them as `model.packing.collate` would (padding rows zero,
+    `fill` writes packed images into them with `model.packing.write_rows`, as `collate` does (padding rows zero,
     mask False) and casts the patches to the model's precision on the way, in one pass.
     """
 
@@ -320,11 +320,7 @@ class BoundInputs:
         arrays = self.views(len(items), length)
 
         def rows(part: range) -> None:
-            for i in part:
-                n = items[i].num_tokens
-                for name, array in arrays.items():
-                    array[i, :n] = getattr(items[i], name)
-                    array[i, n:] = 0
+            write_rows(arrays, items, part)
 
         # numpy's copy-and-cast loops release the GIL: a big batch (64 images at 512x384 are
         # ~130 MB of fp16 patches) fills in parallel, instead of one core setting the GPU's pace.
