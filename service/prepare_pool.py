@@ -141,6 +141,15 @@ def _reply(prepared: Prepared, full: bool, slab: memoryview) -> _Reply:
     )
 
 
+def _placed(buffer: Any, reply: _Reply) -> list[np.ndarray]:
+    """The reply's arrays as views over `buffer` (a slab, or an object exported from one)."""
+    out = []
+    for dtype, shape, offset in reply.arrays:
+        count = int(np.prod(shape, dtype=np.int64))
+        out.append(np.frombuffer(buffer, np.dtype(dtype), count, offset).reshape(shape))
+    return out
+
+
 def _worker_main() -> None:
     """A worker's loop (`python -c`, argv: socket fd, slab fds (comma-separated), slab bytes,
     max_pixels, drop, heap_keep_mb): a task in, a reply (or the decode error) out, until None or the
@@ -434,13 +443,9 @@ class PreparePool:
         numpy view keeps it alive, and its finalizer frees the slot."""
         owner = worker.lease_type.from_buffer(worker.slabs[slot])
         weakref.finalize(owner, worker.free.put, slot)
-        out = []
-        for dtype, shape, offset in reply.arrays:
-            dt = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            array = np.frombuffer(owner, dt, count, offset).reshape(shape)  # type: ignore[call-overload]  # ctypes arrays export a buffer
+        out = _placed(owner, reply)
+        for array in out:
             array.flags.writeable = False  # the slab is shared memory: nothing here writes it
-            out.append(array)
         return out
 
     def _replace(self, worker: _Worker) -> None:
@@ -455,13 +460,7 @@ class PreparePool:
     def _copy_out(self, reply: _Reply, worker: _Worker) -> list[np.ndarray]:
         if reply.inline is not None:
             return list(reply.inline)
-        buf = worker.slabs[0]
-        out = []
-        for dtype, shape, offset in reply.arrays:
-            dt = np.dtype(dtype)
-            count = int(np.prod(shape, dtype=np.int64))
-            out.append(np.frombuffer(buf, dt, count, offset).reshape(shape).copy())
-        return out
+        return [array.copy() for array in _placed(worker.slabs[0], reply)]
 
     @staticmethod
     def _packed(
