@@ -35,10 +35,10 @@ import pyarrow.fs as pafs
 
 from bulk.sources import Input, filesystem, write_part
 from model.config import PackingConfig
-from model.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, ImageTooLargeError
+from model.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
 from model.packing import PackedImage
 from service.batcher import BatcherConfig, take_batch
-from service.errors import ERRORS
+from service.errors import ERRORS, decode_error_code
 from service.prepare import prepare_image
 from service.runtime import ModelRuntime, Prediction, RuntimeOptions
 from service.settings import ServiceSettings
@@ -121,10 +121,8 @@ def read_bytes(uri: str) -> bytes:
 
 def error_code(exc: Exception) -> str:
     """The REST API's error code for a failure to read, decode or pack an image."""
-    if isinstance(exc, ImageTooLargeError):
-        return "image_too_large"
     if isinstance(exc, ImageDecodeError):
-        code = f"image_{exc.reason}"
+        code = decode_error_code(exc)
         # Every reason model/decode.py raises has its code in the service's table (tests check it);
         # a reason added there before the table learns it falls back to the nearest code.
         return code if code in ERRORS else "image_unrecognised"

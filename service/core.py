@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from model.config import PackingConfig
-from model.decode import ImageDecodeError, ImageTooLargeError
+from model.decode import ImageDecodeError
 from service.admission import Admission, ExplainQueue
 from service.batcher import (
     BatchInfo,
@@ -34,7 +34,7 @@ from service.batcher import (
     ShuttingDown,
     WouldMissDeadline,
 )
-from service.errors import ScoringError
+from service.errors import ScoringError, decode_error_code
 from service.explain import ScaleExplanation, explain_scales
 from service.health import Health
 from service.heap import keep_freed_memory
@@ -268,10 +268,8 @@ class ScoringCore:
         self.preparing += 1
         try:
             prepared = await loop.run_in_executor(executor, fn, data, packing)
-        except ImageTooLargeError as exc:
-            raise ScoringError("image_too_large", str(exc)) from exc
         except ImageDecodeError as exc:
-            raise ScoringError(f"image_{exc.reason}", str(exc)) from exc
+            raise ScoringError(decode_error_code(exc), str(exc)) from exc
         except WorkerDied as exc:
             raise ScoringError("decode_failed", str(exc), retry_after_s=1) from exc
         finally:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from model.decode import ImageDecodeError, ImageTooLargeError
+
 
 @dataclass(frozen=True)
 class ErrorKind:
@@ -101,3 +103,9 @@ class ScoringError(Exception):
 
     def __repr__(self) -> str:
         return f"ScoringError({self.code!r}, {self.message!r})"
+
+
+def decode_error_code(exc: ImageDecodeError) -> str:
+    """The code of bytes that are not a usable image: `image_too_large` (refused from its header) or
+    `image_<reason>`; one mapping for the server and `musiq bulk`'s error rows."""
+    return "image_too_large" if isinstance(exc, ImageTooLargeError) else f"image_{exc.reason}"
