@@ -133,6 +133,89 @@ class SyntheticDistortions(Dataset):
         return pack(distorted, self.packing), np.array([quality], np.float32)
 
 
+class DistortionGroups(Dataset):
+    """Groups of one photo under one distortion at `group_size` fractional levels (for ranking).
+
+    Why: a regression target per image ("JPEG level 2 = 64") says nothing about *this* photo; a
+    group says "these versions of the same photo, distorted the same way, must be ordered by
+    strength", which is what the synthetic order check and real users ask of a quality model. The
+    levels are drawn uniformly from [0, LEVELS] (fractional: `distortions.strength_at`), so strengths
+    between the table's knots (JPEG quality 60, say) are seen too. The random draws (noise
+    pattern, blur angle) are the same for every level of a group. Kinds are drawn by
+    `kind_weights` (kind -> weight; missing kinds weigh 1). Deterministic per (seed, epoch, index).
+    Items are (packed versions, levels [group_size], pseudo-quality targets [group_size, 1]).
+    """
+
+    def __init__(
+        self,
+        photos: Sequence[Path],
+        packing: PackingConfig,
+        *,
+        length: int,
+        group_size: int = 4,
+        kind_weights: dict[str, float] | None = None,
+        seed: int = 0,
+    ) -> None:
+        from model import distortions
+
+        if group_size < 2:
+            raise ValueError(f"group_size must be at least 2 to rank, got {group_size}")
+        unknown = sorted(set(kind_weights or {}) - set(distortions.KINDS))
+        if unknown:
+            raise ValueError(f"unknown distortion kinds in kind_weights: {', '.join(unknown)}")
+        self.photos = list(photos)
+        if not self.photos:
+            raise ValueError("no pristine photos found for synthetic ranking groups")
+        self.packing = packing
+        self.length = length
+        self.group_size = group_size
+        self.kinds = distortions.KINDS
+        weights = np.array([float((kind_weights or {}).get(k, 1.0)) for k in self.kinds])
+        if (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError("kind_weights must be >= 0 and not all zero")
+        self.kind_p = weights / weights.sum()
+        self.seed = seed
+        self.epoch = 0
+        self._distortions = distortions
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[list[PackedImage], np.ndarray, np.ndarray]:
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        image = decode_image(self.photos[int(rng.integers(len(self.photos)))])
+        if rng.random() < 0.5:
+            image = np.ascontiguousarray(image[:, ::-1])
+        kind = self.kinds[int(rng.choice(len(self.kinds), p=self.kind_p))]
+        levels = np.sort(rng.uniform(0.0, self._distortions.LEVELS, self.group_size))
+        draw_seed = int(rng.integers(2**31))
+        packed = [
+            pack(
+                self._distortions.distort_at(image, kind, float(lv), np.random.default_rng(draw_seed)),
+                self.packing,
+            )
+            for lv in levels
+        ]
+        targets = np.array([[self._distortions.pseudo_quality_at(float(lv))] for lv in levels], np.float32)
+        return packed, levels.astype(np.float32), targets
+
+
+def collate_groups(
+    items: Sequence[tuple[list[PackedImage], np.ndarray, np.ndarray]],
+) -> dict[str, torch.Tensor]:
+    """DataLoader collate for `DistortionGroups`: the groups' versions flattened into one batch."""
+    batch = collate([p for packed, _, _ in items for p in packed])
+    return {
+        "patches": torch.from_numpy(batch.patches),
+        "spatial": torch.from_numpy(batch.spatial),
+        "scale": torch.from_numpy(batch.scale),
+        "mask": torch.from_numpy(batch.mask),
+        "target": torch.from_numpy(np.concatenate([t for _, _, t in items])),
+        "level": torch.from_numpy(np.concatenate([lv for _, lv, _ in items])),
+        "group": torch.arange(len(items)).repeat_interleave(torch.tensor([len(p) for p, _, _ in items])),
+    }
+
+
 def collate_batch(items: Sequence[tuple[PackedImage, np.ndarray]]) -> dict[str, torch.Tensor]:
     """DataLoader collate: pad to the longest item; targets stacked."""
     batch = collate([packed for packed, _ in items])

@@ -64,15 +64,21 @@ from PIL import Image, ImageFilter
 from model.decode import decode_image
 
 __all__ = [
+    "IDENTITY",
     "KINDS",
     "LEVELS",
     "PHOTO_SUFFIXES",
     "STRENGTHS",
+    "apply_strength",
     "default_roots",
     "distort",
+    "distort_at",
     "pristine_photos",
     "pseudo_quality",
+    "pseudo_quality_at",
     "random_distortion",
+    "split_photos",
+    "strength_at",
 ]
 
 LEVELS: Final[int] = 5
@@ -97,6 +103,27 @@ STRENGTHS: Final[dict[str, tuple[float, ...]]] = {
 }
 
 KINDS: Final[tuple[str, ...]] = tuple(STRENGTHS)
+
+# kind -> the strength that leaves a photo (almost) as it is: the level-0 knot `strength_at`
+# interpolates from, so fractional levels below 1 give distortions milder than level 1 (JPEG
+# quality 70 at level 0.5, which integer levels never show).
+IDENTITY: Final[dict[str, float]] = {
+    "gaussian_blur": 0.0,
+    "motion_blur": 1,
+    "gaussian_noise": 0.0,
+    "impulse_noise": 0.0,
+    "jpeg": 100,
+    "webp": 100,
+    "contrast_down": 1.0,
+    "brightness_up": 0.0,
+    "brightness_down": 0.0,
+    "saturation_shift": 0.0,
+    "color_cast": 0.0,
+    "pixelate": 1,
+    "downsample_blur": 1.0,
+    "quantize": 256,
+}
+assert set(IDENTITY) == set(STRENGTHS)
 
 PHOTO_SUFFIXES: Final[frozenset[str]] = frozenset({".jpg", ".jpeg", ".png"})
 
@@ -135,6 +162,58 @@ def pseudo_quality(level: int) -> float:
     """
     _check_level(level)
     return 100.0 - 18.0 * int(level)
+
+
+def strength_at(kind: str, level: float) -> float:
+    """The strength of `kind` at a fractional `level` in [0, LEVELS]: linear between the table's knots.
+
+    Why: five integer levels leave wide gaps (JPEG quality 100 -> 40 -> 20), and a model trained
+    only on the knots never learns to order what falls between them. Integer levels give exactly
+    the table's strengths.
+    """
+    if kind not in STRENGTHS:
+        raise ValueError(f"unknown distortion kind {kind!r}; expected one of {KINDS}")
+    level = float(level)
+    if not 0.0 <= level <= LEVELS:
+        raise ValueError(f"level must be in 0..{LEVELS}, got {level!r}")
+    knots = (IDENTITY[kind], *STRENGTHS[kind])
+    low = min(int(level), LEVELS - 1)
+    t = level - low
+    return float(knots[low] + t * (knots[low + 1] - knots[low]))
+
+
+def distort_at(image: np.ndarray, kind: str, level: float, rng: np.random.Generator) -> np.ndarray:
+    """`distort` at a fractional level (`strength_at`); level 0 returns an unchanged copy.
+
+    The same rng state gives the same random draws at every level, so one seed's versions of a
+    photo differ only in strength (what a ranking loss between them needs).
+    """
+    strength = strength_at(kind, level)
+    if level == 0:
+        _check_image(image)
+        return image.copy()
+    return apply_strength(image, kind, strength, rng)
+
+
+def apply_strength(image: np.ndarray, kind: str, strength: float, rng: np.random.Generator) -> np.ndarray:
+    """`kind` at an explicit strength in its own units (module docstring), e.g. JPEG quality 60.
+
+    For checks that name their strengths rather than levels (`bench/synthetic_order.py`).
+    """
+    _check_image(image)
+    fn = _DISTORTIONS.get(kind)
+    if fn is None:
+        raise ValueError(f"unknown distortion kind {kind!r}; expected one of {KINDS}")
+    out = fn(image, strength, rng)
+    assert out.shape == image.shape and out.dtype == np.uint8, (kind, out.shape, out.dtype)
+    return out
+
+
+def pseudo_quality_at(level: float) -> float:
+    """`pseudo_quality` for a fractional level: the same line, 100 - 18 * level."""
+    if not 0.0 <= float(level) <= LEVELS:
+        raise ValueError(f"level must be in 0..{LEVELS}, got {level!r}")
+    return 100.0 - 18.0 * float(level)
 
 
 def random_distortion(
@@ -180,6 +259,15 @@ def default_roots() -> list[Path]:
     if sklearn is not None:
         candidates += [sklearn / "datasets" / "images" / name for name in ("china.jpg", "flower.jpg")]
     return [path for path in candidates if path.exists()]
+
+
+def split_photos(photos: Sequence[Path]) -> tuple[list[Path], list[Path]]:
+    """(training photos, held-out photos): every tenth photo is held out.
+
+    One rule for pretraining's validation and for the synthetic order check, so neither ever
+    scores content the network was trained on.
+    """
+    return [p for i, p in enumerate(photos) if i % 10], [p for i, p in enumerate(photos) if not i % 10]
 
 
 def pristine_photos(roots: Sequence[Path] | None = None) -> list[Path]:

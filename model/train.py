@@ -27,10 +27,18 @@ from torch.utils.data import DataLoader
 
 from model.checkpoint import default_score_range, load_checkpoint, save_checkpoint
 from model.config import PRESETS, MusiqConfig, PackingConfig
-from model.data import LabelledImages, SyntheticDistortions, collate_batch, read_labels, split_samples
+from model.data import (
+    DistortionGroups,
+    LabelledImages,
+    SyntheticDistortions,
+    collate_batch,
+    collate_groups,
+    read_labels,
+    split_samples,
+)
 from model.network import Musiq, build_model, to_checkpoint
 
-ImageDataset = LabelledImages | SyntheticDistortions
+ImageDataset = LabelledImages | SyntheticDistortions | DistortionGroups
 
 
 @dataclass
@@ -48,6 +56,15 @@ class TrainConfig:
     synthetic: bool = False
     photos: list[str] = field(default_factory=list)  # synthetic: folders (default: BSDS500 + wheel photos)
     items_per_epoch: int = 2000  # synthetic
+    # Ranking (issue 17): with rank_weight > 0, synthetic training draws groups of `group_size`
+    # versions of one photo under one distortion (model.data.DistortionGroups) and adds a hinge
+    # loss that orders each group by strength; CSV training mixes `rank_groups` such groups into
+    # every step (ranking loss only: their pseudo targets are not on the MOS scale).
+    rank_weight: float = 0.0
+    rank_margin: float = 4.0  # score points per level of strength difference
+    group_size: int = 4
+    rank_groups: int = 2  # CSV training: groups per step
+    kind_weights: dict[str, float] = field(default_factory=dict)  # distortion kind -> sampling weight
     val_fraction: float = 0.2
     split_seed: int = 0
     max_native_tokens: int = 512
@@ -136,6 +153,22 @@ def loss_fn(model: Musiq, output: torch.Tensor, target: torch.Tensor) -> torch.T
     return F.l1_loss(output[:, 0], target[:, 0])
 
 
+def ranking_loss(
+    scores: torch.Tensor, levels: torch.Tensor, groups: torch.Tensor, margin: float
+) -> torch.Tensor:
+    """Hinge on every pair of one group: the milder version must score `margin` points per level higher.
+
+    Pairs closer than 0.05 levels are ignored (too close to call). A margin that grows with the
+    level gap keeps far-apart pairs from being satisfied by a hair's difference.
+    """
+    gap = levels[None, :] - levels[:, None]  # [i, j]: how much worse j is than i
+    valid = (groups[:, None] == groups[None, :]) & (gap > 0.05)
+    if not bool(valid.any()):
+        return scores.sum() * 0.0
+    shortfall = F.relu(margin * gap - (scores[:, None] - scores[None, :]))
+    return shortfall[valid].mean()
+
+
 def lr_at(step: int, total: int, warmup: int, base: float, progress: float | None = None) -> float:
     """Linear warm-up, then cosine decay to zero (by step, or by a given progress in [0, 1])."""
     if step < warmup:
@@ -154,16 +187,17 @@ def seed_everything(seed: int) -> None:
 def _datasets(cfg: TrainConfig, packing: PackingConfig) -> tuple[ImageDataset, ImageDataset]:
     """(training dataset, validation samples)."""
     if cfg.synthetic:
-        from model.distortions import default_roots, pristine_photos
+        from model.distortions import default_roots, pristine_photos, split_photos
 
         roots = list(dict.fromkeys([*(Path(p) for p in cfg.photos), *default_roots()]))
-        photos = pristine_photos(roots)
-        # Hold out every tenth photo (its distorted versions) for validation: unseen content.
-        train_photos = [p for i, p in enumerate(photos) if i % 10]
-        val_photos = [p for i, p in enumerate(photos) if not i % 10]
+        # Every tenth photo (its distorted versions) is held out for validation: unseen content.
+        train_photos, val_photos = split_photos(pristine_photos(roots))
         val = SyntheticDistortions(
             val_photos, packing, length=min(300, 20 * len(val_photos)), seed=cfg.seed + 1
         )
+        if cfg.rank_weight > 0:
+            groups = _groups(cfg, train_photos, packing, cfg.items_per_epoch // cfg.group_size)
+            return groups, val
         return SyntheticDistortions(train_photos, packing, length=cfg.items_per_epoch, seed=cfg.seed), val
     if not cfg.csv:
         raise ValueError("set [data] csv = ... or synthetic = true")
@@ -174,18 +208,44 @@ def _datasets(cfg: TrainConfig, packing: PackingConfig) -> tuple[ImageDataset, I
     )
 
 
-def _loader(dataset: ImageDataset, cfg: TrainConfig, shuffle: bool) -> DataLoader:
+def _groups(cfg: TrainConfig, photos: list[Path], packing: PackingConfig, length: int) -> DistortionGroups:
+    return DistortionGroups(
+        photos,
+        packing,
+        length=max(1, length),
+        group_size=cfg.group_size,
+        kind_weights=cfg.kind_weights,
+        seed=cfg.seed + 7,
+    )
+
+
+def _mixed_groups(cfg: TrainConfig, packing: PackingConfig, steps: int) -> DistortionGroups | None:
+    """CSV training's ranking groups: the training photos of synthetic pretraining (never its held-out ones)."""
+    if cfg.synthetic or cfg.rank_weight <= 0 or cfg.rank_groups <= 0:
+        return None
+    from model.distortions import default_roots, pristine_photos, split_photos
+
+    roots = list(dict.fromkeys([*(Path(p) for p in cfg.photos), *default_roots()]))
+    return _groups(cfg, split_photos(pristine_photos(roots))[0], packing, steps * cfg.rank_groups)
+
+
+def _loader(
+    dataset: ImageDataset, cfg: TrainConfig, shuffle: bool, batch_size: int | None = None
+) -> DataLoader:
     g = torch.Generator().manual_seed(cfg.seed + getattr(dataset, "epoch", 0))
+    grouped = isinstance(dataset, DistortionGroups)
+    if batch_size is None:  # a synthetic group batch holds batch_size images
+        batch_size = max(1, cfg.batch_size // cfg.group_size) if grouped else cfg.batch_size
     return DataLoader(
         dataset,
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         shuffle=shuffle,
         generator=g,
         num_workers=cfg.workers,
-        collate_fn=collate_batch,
+        collate_fn=collate_groups if grouped else collate_batch,
         persistent_workers=False,
         pin_memory=cfg.device.startswith("cuda"),
-        drop_last=shuffle and len(dataset) > cfg.batch_size,
+        drop_last=shuffle and len(dataset) > batch_size,
     )
 
 
@@ -248,7 +308,8 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> di
     else:
         raise ValueError(f"optimizer must be adamw or sgd, got {cfg.optimizer!r}")
 
-    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
+    steps_per_epoch = len(_loader(train_set, cfg, shuffle=True))
+    mixed = _mixed_groups(cfg, packing, steps_per_epoch)
     total = cfg.epochs * steps_per_epoch
     warmup = max(1, int(cfg.warmup_fraction * total))
     start_epoch, step, best = 0, 0, {"srcc": -2.0}
@@ -271,7 +332,11 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> di
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         train_set.epoch = epoch
-        started, seen, losses = time.perf_counter(), 0, []
+        started, seen, losses, rank_losses = time.perf_counter(), 0, [], []
+        group_batches = None
+        if mixed is not None:
+            mixed.epoch = epoch
+            group_batches = iter(_loader(mixed, cfg, shuffle=True, batch_size=cfg.rank_groups))
         bar = tqdm(
             _loader(train_set, cfg, shuffle=True),
             total=steps_per_epoch,
@@ -289,6 +354,29 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> di
             with cfg.autocast():
                 output = model(*inputs)
             loss = loss_fn(model, output.float(), target)
+            if "group" in batch:  # synthetic ranking groups: the same batch is ranked too
+                rank = ranking_loss(
+                    model.score(output.float()),
+                    batch["level"].to(cfg.device),
+                    batch["group"].to(cfg.device),
+                    cfg.rank_margin,
+                )
+            elif group_batches is not None:  # CSV training: a batch of synthetic groups besides
+                group_batch = next(group_batches)
+                g_inputs = [group_batch[k].to(cfg.device) for k in ("patches", "spatial", "scale", "mask")]
+                with cfg.autocast():
+                    g_out = model(*g_inputs)
+                rank = ranking_loss(
+                    model.score(g_out.float()),
+                    group_batch["level"].to(cfg.device),
+                    group_batch["group"].to(cfg.device),
+                    cfg.rank_margin,
+                )
+            else:
+                rank = None
+            if rank is not None:
+                rank_losses.append(rank.item())
+                loss = loss + cfg.rank_weight * rank
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -307,6 +395,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> di
             "epoch": epoch + 1,
             "step": step,
             "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            "rank_loss": float(np.mean(rank_losses)) if rank_losses else None,
             "images_per_s": seen / (time.perf_counter() - started),
             "lr": lr_at(step, total, warmup, cfg.lr, budget_progress()),
             "val_srcc": metrics["srcc"]["value"],

@@ -339,7 +339,18 @@ def noise_recipe(tmp_path: Path, train_lines: str = "epochs = 2") -> TrainConfig
     )
 
 
-KEYS = {"epoch", "step", "train_loss", "images_per_s", "lr", "val_srcc", "val_plcc", "val_n", "seconds"}
+KEYS = {
+    "epoch",
+    "step",
+    "train_loss",
+    "images_per_s",
+    "lr",
+    "val_srcc",
+    "val_plcc",
+    "val_n",
+    "seconds",
+    "rank_loss",
+}
 
 
 def test_train_end_to_end(tmp_path: Path) -> None:
@@ -527,3 +538,117 @@ def test_model_table_errors_fail_at_load(tmp_path: Path) -> None:
         TrainConfig.load(cfg)
     cfg.write_text('[model]\npreset = "small"\nmax_native_tokens = 64\n[data]\nsynthetic = true\n')
     assert TrainConfig.load(cfg).network().max_native_tokens == 64
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking on synthetic groups (issue 17)
+# --------------------------------------------------------------------------------------------
+
+
+def test_ranking_loss_counts_only_misordered_pairs_of_one_group() -> None:
+    from model.train import ranking_loss
+
+    levels = torch.tensor([0.0, 1.0, 2.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    ordered = torch.tensor([90.0, 80.0, 70.0, 10.0, 0.0])  # 10 points a level: margin 4 met
+    assert ranking_loss(ordered, levels, groups, margin=4.0).item() == 0.0
+    # Group 1's pair swapped: one of the four pairs falls 4 + 10 = 14 points short.
+    swapped = torch.tensor([90.0, 80.0, 70.0, 0.0, 10.0])
+    assert ranking_loss(swapped, levels, groups, margin=4.0).item() == pytest.approx(14.0 / 4)
+    # Across groups nothing is compared: group 1 scoring far above group 0 costs nothing.
+    assert ranking_loss(ordered + torch.tensor([0, 0, 0, 500.0, 500.0]), levels, groups, 4.0).item() == 0.0
+    # A margin that grows with the gap: 5 points between levels 0 and 2 falls 3 short of 2 x 4.
+    near = torch.tensor([75.0, 72.0, 70.0, 10.0, 0.0])
+    assert ranking_loss(near, levels, groups, margin=4.0).item() == pytest.approx((1 + 2 + 3) / 4)
+
+
+def test_distortion_groups_are_one_photo_one_kind_graded(tmp_path: Path) -> None:
+    from model.data import DistortionGroups, collate_groups
+
+    photo = tmp_path / "p.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(photo)
+    packing = PackingConfig(32, 10, (64,), 16)
+    data = DistortionGroups(
+        [photo],
+        packing,
+        length=5,
+        group_size=3,
+        kind_weights={
+            "jpeg": 1.0,
+            **{
+                k: 0.0
+                for k in (
+                    "gaussian_blur",
+                    "motion_blur",
+                    "gaussian_noise",
+                    "impulse_noise",
+                    "webp",
+                    "contrast_down",
+                    "brightness_up",
+                    "brightness_down",
+                    "saturation_shift",
+                    "color_cast",
+                    "pixelate",
+                    "downsample_blur",
+                    "quantize",
+                )
+            },
+        },
+    )
+    packed, levels, targets = data[2]
+    assert len(packed) == 3 and np.all(np.diff(levels) >= 0) and levels.max() <= 5
+    np.testing.assert_allclose(targets[:, 0], 100 - 18 * levels, rtol=1e-6)
+    again = data[2]
+    assert all(np.array_equal(a.patches, b.patches) for a, b in zip(packed, again[0], strict=True))
+    batch = collate_groups([data[0], data[1]])
+    assert batch["group"].tolist() == [0, 0, 0, 1, 1, 1] and batch["target"].shape == (6, 1)
+    with pytest.raises(ValueError, match="unknown distortion kinds"):
+        DistortionGroups([photo], packing, length=1, kind_weights={"jpg": 1.0})
+    with pytest.raises(ValueError, match="at least 2"):
+        DistortionGroups([photo], packing, length=1, group_size=1)
+
+
+def test_fractional_levels_interpolate_the_strength_table() -> None:
+    from model.distortions import STRENGTHS, distort, distort_at, strength_at
+
+    assert strength_at("jpeg", 0.5) == 70.0 and strength_at("jpeg", 2) == STRENGTHS["jpeg"][1]
+    assert strength_at("gaussian_noise", 5) == STRENGTHS["gaussian_noise"][-1]
+    image = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(distort_at(image, "jpeg", 0.0, np.random.default_rng(0)), image)
+    np.testing.assert_array_equal(
+        distort_at(image, "gaussian_noise", 3, np.random.default_rng(4)),
+        distort(image, "gaussian_noise", 3, np.random.default_rng(4)),
+    )
+    with pytest.raises(ValueError, match="level"):
+        strength_at("jpeg", 5.5)
+
+
+@pytest.mark.parametrize("mode", ["synthetic", "csv"])
+def test_ranking_training_runs_and_logs_its_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    import model.distortions
+
+    monkeypatch.setattr(model.distortions, "default_roots", lambda: [])
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(7)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
+    if mode == "synthetic":
+        data = 'synthetic = true\nphotos = ["photos"]\nitems_per_epoch = 16'
+    else:
+        csv_path = write_noise_set(tmp_path / "data", n=10)
+        data = f'csv = "{csv_path}"\nphotos = ["photos"]'
+    cfg = TrainConfig.load(
+        write_recipe(
+            tmp_path / "r.toml",
+            data=data + "\nrank_weight = 1.0\ngroup_size = 2\nrank_groups = 2",
+            train="epochs = 1",
+        )
+    )
+    train(cfg, progress=False)
+    (row,) = metrics(Path(cfg.out))
+    assert row["rank_loss"] is not None and math.isfinite(row["rank_loss"]) and row["rank_loss"] >= 0
+    assert row["step"] == (4 if mode == "synthetic" else 2)  # 8 groups of 2 / 2 groups a step; 8 // 4
