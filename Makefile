@@ -11,7 +11,7 @@ PARITY_STAMP := $(PARITY_VENV)/.installed
 # tests (those in them that need torch or dev tools are skipped there: tests/conftest.py).
 EXTRA_PYTHONS ?= 3.12 3.13
 SERVE_TESTS := tests/test_rest.py tests/test_grpc.py tests/test_grpc_spread.py tests/test_client.py \
-	tests/test_explain.py tests/test_external.py \
+	tests/test_explain.py tests/test_external.py tests/test_score_cli.py \
 	tests/test_batcher.py tests/test_deadlines.py tests/test_serve_command.py tests/test_heap.py \
 	tests/test_decode.py tests/test_resize.py tests/test_packing.py tests/test_prepare_pool.py \
 	tests/reliability/test_security.py tests/reliability/test_faults.py tests/reliability/test_hostile.py

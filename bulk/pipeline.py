@@ -13,6 +13,10 @@
   restarted with their pending batches retried (`max_restarts`, `max_task_retries`). A retried
   batch writes the same part name (a hash of its images), so a retry replaces, never duplicates.
 
+The steps both offline commands share (packing, reading a file into rows or an error code, the
+batching rule around `ModelRuntime`) live in `service.offline`, which `musiq score` also calls: a
+score from either command is the server's for the same bytes.
+
 Ray is imported only inside `run`: the listing, the stages' functions and the tests of them work
 without a cluster.
 """
@@ -35,18 +39,19 @@ import pyarrow.fs as pafs
 
 from bulk.sources import Input, filesystem, write_part
 from model.config import PackingConfig
-from model.decode import DEFAULT_MAX_PIXELS, ImageDecodeError
+from model.decode import DEFAULT_MAX_PIXELS
 from model.packing import PackedImage
-from service.batcher import BatcherConfig, take_batch
-from service.errors import ERRORS, decode_error_code
-from service.prepare import prepare_image
-from service.runtime import ModelRuntime, Prediction, RuntimeOptions
-from service.settings import ServiceSettings
+from service.errors import ScoringError
+from service.offline import batcher_config, prepare_file, score_packed
+
+# Re-exported: the offline glue lives in service/offline.py, shared with `musiq score`.
+from service.offline import error_code as error_code
+from service.offline import packing_for as packing_for
+from service.offline import plan_batches as plan_batches
+from service.runtime import ModelRuntime, RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
-# The server's default cap, so that a default bulk run packs as a default server does.
-SERVER_MAX_NATIVE_TOKENS: int = ServiceSettings.model_fields["max_native_tokens"].default
 PREPARE_CPUS = 0.25  # CPU clusters: what one decode + pack task reserves
 
 # Columns between the stages: the packed rows travel as raw bytes (no per-value conversion).
@@ -91,21 +96,6 @@ class Summary:
         )
 
 
-def packing_for(model_packing: PackingConfig, max_native_tokens: int | None) -> PackingConfig:
-    """The packing a server with default settings uses for this model (`ModelRegistry.packing_for`
-    with `MUSIQ_MAX_NATIVE_TOKENS` at its default), or the model's with an explicit cap."""
-    cap = model_packing.max_native_tokens
-    if max_native_tokens is None:
-        limits = [c for c in (SERVER_MAX_NATIVE_TOKENS, cap) if c >= 0]
-        limit = min(limits) if limits else -1
-    elif max_native_tokens < -1 or (cap >= 0 and not 0 <= max_native_tokens <= cap):
-        raise ValueError(f"--max-native-tokens must be between 0 and {cap} for this model")
-    else:
-        limit = max_native_tokens
-    p = model_packing
-    return PackingConfig(p.patch_size, p.grid_size, p.longer_sides, limit, pad_native=False)
-
-
 # ------------------------------------------------------------------------- stage 1: decode + pack
 
 _LOCAL = pafs.LocalFileSystem()
@@ -119,18 +109,6 @@ def read_bytes(uri: str) -> bytes:
     return data
 
 
-def error_code(exc: Exception) -> str:
-    """The REST API's error code for a failure to read, decode or pack an image."""
-    if isinstance(exc, ImageDecodeError):
-        code = decode_error_code(exc)
-        # Every reason model/decode.py raises has its code in the service's table (tests check it);
-        # a reason added there before the table learns it falls back to the nearest code.
-        return code if code in ERRORS else "image_unrecognised"
-    if isinstance(exc, FileNotFoundError):
-        return "image_not_found"
-    return "image_unreadable"  # any other OSError: a folder, no permission, a failing store
-
-
 def prepare_batch(
     batch: pa.Table, *, packing: PackingConfig, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> pa.Table:
@@ -141,14 +119,10 @@ def prepare_batch(
         tokens: int | None = None
         error: str | None = None
         try:
-            data = read_bytes(uri)
-            if not data:
-                error = "empty_body"  # as the server says of an empty upload
-            else:
-                prepared = prepare_image(data, packing, max_pixels=max_pixels, drop_padding_rows=True)
-                packed, tokens = prepared.compute, prepared.packed.num_tokens
-        except (ImageDecodeError, OSError) as exc:
-            error = error_code(exc)
+            prepared = prepare_file(uri, packing, read=read_bytes, max_pixels=max_pixels)
+            packed, tokens = prepared.compute, prepared.packed.num_tokens
+        except ScoringError as exc:  # the REST API's code for the same bytes
+            error = exc.code
         out["image"].append(image)
         out["tokens"].append(tokens)
         out["error"].append(error)
@@ -181,39 +155,6 @@ def unpack_row(row: dict[str, Any], packing: PackingConfig) -> PackedImage:
 # ------------------------------------------------------------------------------- stage 2: score
 
 
-def plan_batches(tokens: Sequence[int], config: BatcherConfig) -> list[list[int]]:
-    """Indices of `tokens` grouped into inference batches as the server forms them: items of one
-    length bucket only (`BatcherConfig.bucket`), in order, each batch as `take_batch` fills it.
-    Every item must fit the token budget alone (the caller refuses larger ones first)."""
-    buckets: dict[int, list[int]] = {}
-    for i, t in enumerate(tokens):
-        buckets.setdefault(config.bucket(t), []).append(i)
-    batches: list[list[int]] = []
-    for members in buckets.values():
-        start = 0
-        while start < len(members):
-            count, _ = take_batch((tokens[i] for i in members[start:]), config)
-            if count < 1:
-                raise ValueError(f"an item of {tokens[members[start]]} tokens exceeds the batch budget")
-            batches.append(members[start : start + count])
-            start += count
-    return batches
-
-
-def score_packed(
-    runtime: ModelRuntime, items: Sequence[PackedImage], config: BatcherConfig
-) -> list[Prediction | str]:
-    """A prediction per item, or the error code `too_many_tokens` for one no batch can hold."""
-    results: list[Prediction | str] = ["too_many_tokens"] * len(items)
-    padded = [runtime.padded_length(it.num_tokens) for it in items]
-    fits = [i for i, t in enumerate(padded) if t <= config.max_batch_tokens]
-    for group in plan_batches([padded[i] for i in fits], config):
-        members = [fits[j] for j in group]
-        for i, prediction in zip(members, runtime.predict([items[i] for i in members]), strict=True):
-            results[i] = prediction
-    return results
-
-
 def part_name(images: Sequence[str]) -> str:
     """A part's name from its images: a retried batch rewrites the same part, never a second one."""
     return hashlib.sha256("\n".join(images).encode()).hexdigest()[:32]
@@ -234,11 +175,8 @@ class Scorer:
         self.runtime = ModelRuntime(model, options)
         self.output = output
         self.packing = packing
-        defaults = self.runtime.defaults  # the server's batching defaults for this device
-        self.config = BatcherConfig(
-            max_batch_tokens=max_batch_tokens or defaults.max_batch_tokens,
-            max_batch_size=batch_size or defaults.max_batch_size,
-        )
+        # the server's batching defaults for this device
+        self.config = batcher_config(self.runtime, batch_size, max_batch_tokens)
         self.meta = self.runtime.metadata
 
     def score_table(self, batch: pa.Table) -> pa.Table:

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, str] = {
     "pack": "model.commands",
     "convert": "model.commands",
-    "score": "model.commands",
+    "score": "cli.score",
     "eval": "model.eval_command",
     "train": "model.train_command",
     "split": "model.train_command",

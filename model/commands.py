@@ -1,4 +1,5 @@
-"""`musiq pack`, `musiq convert` and `musiq score`.
+"""`musiq pack` and `musiq convert`. (`musiq score` lives in cli/score.py: it scores through the
+service's runtime by default, and model/ never imports service/.)
 
 Heavy imports (torch) happen inside the handlers that need them, so packing and conversion run
 on a serving install that has no torch.
@@ -10,14 +11,13 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import cast
 
 import numpy as np
 
-from model.checkpoint import load_named_or_default, save_checkpoint
+from model.checkpoint import save_checkpoint
 from model.config import PackingConfig
 from model.decode import ImageDecodeError, decode_image
-from model.packing import collate, pack
+from model.packing import pack
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,19 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--score-range", type=float, nargs=2, metavar=("MIN", "MAX"))
     c.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     c.set_defaults(handler=cmd_convert)
-
-    s = sub.add_parser("score", help="score images or folders of images (JSON lines or CSV)")
-    s.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
-    s.add_argument(
-        "--format", choices=["jsonl", "csv"], default="jsonl", help="output format (default jsonl)"
-    )
-    s.add_argument("-o", "--output", help="write here instead of stdout")
-    s.add_argument("--rank", action="store_true", help="sort by score, best first, with a rank column")
-    s.add_argument("--checkpoint", help="project checkpoint (.safetensors); default: the embedded model")
-    s.add_argument(
-        "--max-native-tokens", type=int, help="cap native-resolution tokens (default: the model's)"
-    )
-    s.set_defaults(handler=cmd_score)
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
@@ -116,85 +103,5 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+# The image files `musiq score` and `musiq bulk` take from a folder.
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".tif", ".tiff", ".bmp", ".ppm", ".avif"}
-
-
-def expand_images(inputs: list[str]) -> list[str]:
-    """Files as given; folders become their image files (recursive, sorted)."""
-    out: list[str] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            out += sorted(
-                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-            )
-        else:
-            out.append(item)
-    return out
-
-
-def cmd_score(args: argparse.Namespace) -> int:
-    checkpoint = load_named_or_default(args.checkpoint)
-
-    import torch
-    from tqdm import tqdm
-
-    from model.network import build_model
-
-    model = build_model(checkpoint)
-    packing = checkpoint.config.packing(args.max_native_tokens)
-    images = expand_images(args.images)
-    if not images:
-        raise ValueError("no image files found in " + ", ".join(args.images))
-    streaming = not args.rank and args.format == "jsonl" and not args.output  # print as we go
-    records: list[dict[str, object]] = []
-    failures = 0
-    for image in tqdm(
-        images, desc="scoring", unit="img", disable=len(images) < 2 or streaming, file=sys.stderr
-    ):
-        try:
-            packed = pack(decode_image(image), packing)
-        except ImageDecodeError as exc:
-            print(f"musiq score: {image}: {exc}", file=sys.stderr)
-            failures += 1
-            continue
-        batch = collate([packed])
-        inputs = [torch.from_numpy(a) for a in (batch.patches, batch.spatial, batch.scale, batch.mask)]
-        with torch.inference_mode():
-            output = model(*inputs)
-        record: dict[str, object] = {"image": image}
-        if checkpoint.config.head != "classes":
-            record["score"] = round(float(model.score(output)[0]), 6)
-        if checkpoint.config.head == "distribution":
-            record["distribution"] = [round(float(v), 6) for v in output.softmax(-1)[0]]
-        if checkpoint.config.head == "classes":
-            record["logits"] = [round(float(v), 6) for v in output[0]]
-        if streaming:
-            print(json.dumps(record), flush=True)
-        else:
-            records.append(record)
-    if not streaming:
-        write_records(records, args.format, args.output, rank=args.rank)
-    return 1 if failures else 0
-
-
-def write_records(records: list[dict[str, object]], fmt: str, output: str | None, *, rank: bool) -> None:
-    import csv
-    import io
-
-    if rank:
-        # A record's values are typed object; its score is a float.
-        records = sorted(records, key=lambda r: -float(cast(float, r.get("score", float("-inf")))))
-        records = [{"rank": i, **r} for i, r in enumerate(records, start=1)]
-    buf = io.StringIO()
-    if fmt == "jsonl":
-        buf.writelines(json.dumps(r) + "\n" for r in records)
-    else:
-        columns = [c for c in ("rank", "image", "score") if any(c in r for r in records)]
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows([[r.get(c, "") for c in columns] for r in records])
-    if output:
-        Path(output).write_text(buf.getvalue())
-    else:
-        sys.stdout.write(buf.getvalue())
