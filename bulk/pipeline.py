@@ -113,7 +113,8 @@ def prepare_batch(
     batch: pa.Table, *, packing: PackingConfig, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> pa.Table:
     """Stage 1 (a CPU task): reads, decodes and packs each input; failures become error codes."""
-    out: dict[str, list[Any]] = {k: [] for k in ("image", "tokens", "error", "shape", *_PACKED)}
+    out: dict[str, list[Any]] = {k: [] for k in ("image", "tokens", "error", "shape")}
+    arrays: dict[str, list[np.ndarray | None]] = {name: [] for name in _PACKED}
     for image, uri in zip(batch.column("image").to_pylist(), batch.column("uri").to_pylist(), strict=True):
         packed: PackedImage | None = None
         tokens: int | None = None
@@ -128,19 +129,57 @@ def prepare_batch(
         out["error"].append(error)
         out["shape"].append(list(packed.patches.shape) if packed is not None else None)
         for name in _PACKED:
-            out[name].append(getattr(packed, name).tobytes() if packed is not None else None)
+            arrays[name].append(getattr(packed, name) if packed is not None else None)
     return pa.table(
         {
             "image": pa.array(out["image"], pa.string()),
             "tokens": pa.array(out["tokens"], pa.int64()),
             "error": pa.array(out["error"], pa.string()),
             "shape": pa.array(out["shape"], pa.list_(pa.int64())),
-            **{name: pa.array(out[name], pa.binary()) for name in _PACKED},
+            **{name: binary_column(arrays[name]) for name in _PACKED},
         }
     )
 
 
+def binary_column(arrays: Sequence[np.ndarray | None]) -> pa.Array:
+    """The arrays' bytes as one Arrow binary column (null for None), copied once.
+
+    Why not `pa.array([a.tobytes() ...])`: an image's float32 patches are ~4.6 MB, and that path
+    copies them twice more with Python objects between; on 2 cores it cost 8 ms of an image's
+    ~60 ms (bulk's rate fell 15 % behind `musiq score`'s on the same ONNX Runtime).
+    """
+    sizes = np.array([0 if a is None else a.nbytes for a in arrays], np.int64)
+    offsets = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    data = np.empty(int(offsets[-1]), np.uint8)
+    for a, start, size in zip(arrays, offsets, sizes, strict=False):
+        if a is not None:
+            data[start : start + size] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    valid = pa.array([a is not None for a in arrays], pa.bool_()).buffers()[1]  # the bits, as a validity map
+    return pa.Array.from_buffers(
+        pa.large_binary(), len(arrays), [valid, pa.py_buffer(offsets), pa.py_buffer(data)]
+    )
+
+
+def column_views(column: pa.ChunkedArray | pa.Array) -> list[memoryview | None]:
+    """Each row of a `binary_column` as a view of the Arrow buffer (no copy; None for null)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    views: list[memoryview | None] = []
+    for chunk in chunks:
+        chunk = chunk.cast(pa.large_binary())
+        _, offsets_buf, data_buf = chunk.buffers()
+        offsets = np.frombuffer(offsets_buf, np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+        nulls = chunk.is_null().to_numpy(zero_copy_only=False)
+        views += [
+            None if null else data[int(a) : int(b)]
+            for null, a, b in zip(nulls, offsets, offsets[1:], strict=False)
+        ]
+    return views
+
+
 def unpack_row(row: dict[str, Any], packing: PackingConfig) -> PackedImage:
+    """A `PackedImage` over a stage-1 row's buffers (`row[name]`: bytes or a `column_views` view)."""
     n, width = row["shape"]
     return PackedImage(
         patches=np.frombuffer(row["patches"], np.float32).reshape(n, width),
@@ -181,7 +220,11 @@ class Scorer:
 
     def score_table(self, batch: pa.Table) -> pa.Table:
         """The output rows for a batch of stage 1's rows."""
-        rows = batch.to_pylist()
+        # The small columns as Python values; the packed arrays as views of the Arrow buffers.
+        rows = batch.drop_columns(list(_PACKED)).to_pylist()
+        for name in _PACKED:
+            for row, view in zip(rows, column_views(batch.column(name)), strict=True):
+                row[name] = view
         ok = [i for i, r in enumerate(rows) if r["error"] is None]
         predictions = score_packed(self.runtime, [unpack_row(rows[i], self.packing) for i in ok], self.config)
         score: list[float | None] = [None] * len(rows)

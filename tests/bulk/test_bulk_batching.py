@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -56,3 +57,25 @@ def test_plan_batches_covers_each_item_once_within_the_limits(
 def test_plan_batches_refuses_an_item_over_the_budget() -> None:
     with pytest.raises(ValueError, match="exceeds the batch budget"):
         plan_batches([100, 5000], BatcherConfig(max_batch_tokens=4096, max_batch_size=4))
+
+
+def test_packed_arrays_cross_stages_intact_nulls_and_slices_included() -> None:
+    """Stage 1 writes each image's arrays into one Arrow binary column; stage 2 reads views of
+    it. Every byte must come back, for rows after a null and in a slice (a batch that Ray Data
+    cut out of a larger block has an offset)."""
+    import pyarrow as pa
+
+    from bulk.pipeline import binary_column, column_views
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((n, 3)).astype(np.float32) if n else None for n in (4, 0, 7, 1, 0, 5)]
+    column = binary_column(arrays)
+    assert column.type == pa.large_binary() and column.null_count == 2
+    for start, length in ((0, 6), (2, 3), (5, 1)):
+        views = column_views(pa.chunked_array([column.slice(start, length)]))
+        for view, a in zip(views, arrays[start : start + length], strict=True):
+            if a is None:
+                assert view is None
+            else:
+                np.testing.assert_array_equal(np.frombuffer(view, np.float32).reshape(-1, 3), a)
+    assert column_views(binary_column([])) == []
