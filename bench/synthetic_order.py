@@ -41,15 +41,20 @@ CHECK: dict[str, tuple[str, tuple[float, ...]]] = {
 }
 
 
-def make(out: Path) -> None:
-    """Writes the distorted held-out photos as PNG (lossless: the check sees the distortion only)."""
+def make(out: Path, photo_roots: list[Path] | None = None) -> None:
+    """Writes the distorted held-out photos as PNG (lossless: the check sees the distortion only).
+
+    `photo_roots` come before `default_roots()`, as a training recipe's `photos` do, so a machine
+    without ../shared/data (a lent GPU, with BSDS500 carried elsewhere) holds out the same photos.
+    """
     from PIL import Image
     from tqdm import tqdm
 
     from model.decode import decode_image
-    from model.distortions import apply_strength, pristine_photos, split_photos
+    from model.distortions import apply_strength, default_roots, pristine_photos, split_photos
 
-    _, photos = split_photos(pristine_photos())
+    roots = list(dict.fromkeys([*(photo_roots or []), *default_roots()]))
+    _, photos = split_photos(pristine_photos(roots))
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for p, photo in enumerate(tqdm(photos, desc="distorting", unit="photo")):
@@ -244,7 +249,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT, help=f"work folder (default {OUT})")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("make", help="write the distorted held-out photos and index.csv")
+    m = sub.add_parser("make", help="write the distorted held-out photos and index.csv")
+    m.add_argument("--photos", type=Path, action="append", help="photo folder before the default ones")
     s = sub.add_parser("score", help="score them with a MUSIQ checkpoint (PyTorch)")
     s.add_argument("--checkpoint", help="project checkpoint (default: the embedded model)")
     s.add_argument("--name", required=True, help="column name in the report")
@@ -255,7 +261,7 @@ def main() -> None:
     r.add_argument("--md", type=Path, default=RESULTS / "synthetic_order.md")
     args = parser.parse_args()
     if args.command == "make":
-        make(args.out)
+        make(args.out, args.photos)
     elif args.command == "score":
         score_musiq(args.out, args.checkpoint, args.name, args.max_native_tokens)
     elif args.command == "brisque":

@@ -6,7 +6,10 @@ The lent machine receives the working tree plus carried paths, 64 MiB per call, 
 - `.data/clive`: CLIVE's JPEGs as released, the lossless WebP images re-encoded as JPEG quality 90
   (47 MB), and `labels.csv` with the project split (seeded 80/20, `musiq split` seed 0; stage 2);
 - `.data/init/stage1.fp16.safetensors`: stage 1's network (runs/pretrain_gpu/best.safetensors,
-  from configs/pretrain_synthetic_gpu.toml), stored as float16.
+  from configs/pretrain_synthetic_gpu.toml), stored as float16, when that run is on this disk;
+- `.data/init/stage1b.fp16.safetensors`: stage 1b's network, the start of issue 17's ranking stages
+  (`runs/pretrain_synthetic.fp16.safetensors`, restored from git history as
+  model/weights/MODEL_CARD.md says), when it is on this disk.
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ DATA = Path(__file__).resolve().parents[1] / ".data"
 def main() -> None:
     shutil.copytree(SHARED / "bsds500" / "images", DATA / "bsds500" / "images", dirs_exist_ok=True)
     (DATA / "init").mkdir(parents=True, exist_ok=True)
-    half_checkpoint("runs/pretrain_gpu/best.safetensors", str(DATA / "init" / "stage1.fp16.safetensors"))
+    if Path("runs/pretrain_gpu/best.safetensors").exists():
+        half_checkpoint("runs/pretrain_gpu/best.safetensors", str(DATA / "init" / "stage1.fp16.safetensors"))
+    if Path("runs/pretrain_synthetic.fp16.safetensors").exists():
+        shutil.copy("runs/pretrain_synthetic.fp16.safetensors", DATA / "init" / "stage1b.fp16.safetensors")
     train, val = split_samples(read_labels(SHARED / "clive" / "labels.csv"), 0.2, 0)
     images = DATA / "clive" / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -42,7 +48,9 @@ def main() -> None:
                 else:
                     Image.open(s.path).convert("RGB").save(dst, quality=90)
                 writer.writerow([f"images/{dst.name}", f"{float(s.target[0]):.6f}", split])
-    print(f"{DATA}: {len(train)} train + {len(val)} val CLIVE images, BSDS500, stage-1 init")
+    print(
+        f"{DATA}: {len(train)} train + {len(val)} val CLIVE images, BSDS500, {sorted(p.name for p in (DATA / 'init').iterdir())}"
+    )
 
 
 if __name__ == "__main__":
