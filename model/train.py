@@ -118,6 +118,11 @@ class TrainConfig:
         config.photos = [str((base / p).resolve()) for p in config.photos]
         config.check_precision()
         config.network()  # fail at load, naming the setting, not halfway into a run
+        from model.distortions import KINDS
+
+        unknown_kinds = sorted(set(config.kind_weights) - set(KINDS))
+        if unknown_kinds:
+            raise ValueError(f"{path}: unknown kinds in kind_weights: {', '.join(unknown_kinds)}")
         return config
 
     def check_precision(self) -> None:

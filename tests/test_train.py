@@ -564,40 +564,17 @@ def test_ranking_loss_counts_only_misordered_pairs_of_one_group() -> None:
 
 def test_distortion_groups_are_one_photo_one_kind_graded(tmp_path: Path) -> None:
     from model.data import DistortionGroups, collate_groups
+    from model.distortions import KINDS
 
     photo = tmp_path / "p.png"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(photo)
     packing = PackingConfig(32, 10, (64,), 16)
-    data = DistortionGroups(
-        [photo],
-        packing,
-        length=5,
-        group_size=3,
-        kind_weights={
-            "jpeg": 1.0,
-            **{
-                k: 0.0
-                for k in (
-                    "gaussian_blur",
-                    "motion_blur",
-                    "gaussian_noise",
-                    "impulse_noise",
-                    "webp",
-                    "contrast_down",
-                    "brightness_up",
-                    "brightness_down",
-                    "saturation_shift",
-                    "color_cast",
-                    "pixelate",
-                    "downsample_blur",
-                    "quantize",
-                )
-            },
-        },
-    )
+    only_jpeg = {k: float(k == "jpeg") for k in KINDS}
+    data = DistortionGroups([photo], packing, length=5, group_size=3, kind_weights=only_jpeg)
     packed, levels, targets = data[2]
     assert len(packed) == 3 and np.all(np.diff(levels) >= 0) and levels.max() <= 5
+    assert not np.array_equal(packed[0].patches, packed[-1].patches)  # graded, not copies
     np.testing.assert_allclose(targets[:, 0], 100 - 18 * levels, rtol=1e-6)
     again = data[2]
     assert all(np.array_equal(a.patches, b.patches) for a, b in zip(packed, again[0], strict=True))
@@ -652,3 +629,11 @@ def test_ranking_training_runs_and_logs_its_loss(
     (row,) = metrics(Path(cfg.out))
     assert row["rank_loss"] is not None and math.isfinite(row["rank_loss"]) and row["rank_loss"] >= 0
     assert row["step"] == (4 if mode == "synthetic" else 2)  # 8 groups of 2 / 2 groups a step; 8 // 4
+
+
+def test_a_misspelt_kind_weight_fails_at_load(tmp_path: Path) -> None:
+    recipe = write_recipe(
+        tmp_path / "r.toml", data="synthetic = true\nrank_weight = 1.0\nkind_weights = { jpg = 2.0 }"
+    )
+    with pytest.raises(ValueError, match="unknown kinds in kind_weights: jpg"):
+        TrainConfig.load(recipe)
