@@ -51,10 +51,9 @@ def make(out: Path, photo_roots: list[Path] | None = None) -> None:
     from tqdm import tqdm
 
     from model.decode import decode_image
-    from model.distortions import apply_strength, default_roots, pristine_photos, split_photos
+    from model.distortions import apply_strength, photo_split
 
-    roots = list(dict.fromkeys([*(photo_roots or []), *default_roots()]))
-    _, photos = split_photos(pristine_photos(roots))
+    _, photos = photo_split(photo_roots or [])
     (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for p, photo in enumerate(tqdm(photos, desc="distorting", unit="photo")):

@@ -160,9 +160,6 @@ class DistortionGroups(Dataset):
 
         if group_size < 2:
             raise ValueError(f"group_size must be at least 2 to rank, got {group_size}")
-        unknown = sorted(set(kind_weights or {}) - set(distortions.KINDS))
-        if unknown:
-            raise ValueError(f"unknown distortion kinds in kind_weights: {', '.join(unknown)}")
         self.photos = list(photos)
         if not self.photos:
             raise ValueError("no pristine photos found for synthetic ranking groups")
@@ -170,10 +167,7 @@ class DistortionGroups(Dataset):
         self.length = length
         self.group_size = group_size
         self.kinds = distortions.KINDS
-        weights = np.array([float((kind_weights or {}).get(k, 1.0)) for k in self.kinds])
-        if (weights < 0).any() or weights.sum() <= 0:
-            raise ValueError("kind_weights must be >= 0 and not all zero")
-        self.kind_p = weights / weights.sum()
+        self.kind_p = distortions.kind_probabilities(kind_weights)
         self.seed = seed
         self.epoch = 0
         self._distortions = distortions

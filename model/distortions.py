@@ -73,6 +73,8 @@ __all__ = [
     "default_roots",
     "distort",
     "distort_at",
+    "kind_probabilities",
+    "photo_split",
     "pristine_photos",
     "pseudo_quality",
     "pseudo_quality_at",
@@ -142,15 +144,11 @@ def distort(image: np.ndarray, kind: str, level: int, rng: np.random.Generator) 
     Level 0 returns an unchanged copy. Raises ValueError for a bad image, kind or level.
     """
     _check_image(image)
-    fn = _DISTORTIONS.get(kind)
-    if fn is None:
-        raise ValueError(f"unknown distortion kind {kind!r}; expected one of {KINDS}")
+    _distortion(kind)
     _check_level(level)
     if level == 0:
         return image.copy()
-    out = fn(image, STRENGTHS[kind][int(level) - 1], rng)
-    assert out.shape == image.shape and out.dtype == np.uint8, (kind, out.shape, out.dtype)
-    return out
+    return apply_strength(image, kind, STRENGTHS[kind][int(level) - 1], rng)
 
 
 def pseudo_quality(level: int) -> float:
@@ -161,7 +159,7 @@ def pseudo_quality(level: int) -> float:
     recognisable, and a margin at both ends keeps the target away from the edges of the scale.
     """
     _check_level(level)
-    return 100.0 - 18.0 * int(level)
+    return pseudo_quality_at(level)
 
 
 def strength_at(kind: str, level: float) -> float:
@@ -171,8 +169,7 @@ def strength_at(kind: str, level: float) -> float:
     only on the knots never learns to order what falls between them. Integer levels give exactly
     the table's strengths.
     """
-    if kind not in STRENGTHS:
-        raise ValueError(f"unknown distortion kind {kind!r}; expected one of {KINDS}")
+    _distortion(kind)
     level = float(level)
     if not 0.0 <= level <= LEVELS:
         raise ValueError(f"level must be in 0..{LEVELS}, got {level!r}")
@@ -201,10 +198,7 @@ def apply_strength(image: np.ndarray, kind: str, strength: float, rng: np.random
     For checks that name their strengths rather than levels (`bench/synthetic_order.py`).
     """
     _check_image(image)
-    fn = _DISTORTIONS.get(kind)
-    if fn is None:
-        raise ValueError(f"unknown distortion kind {kind!r}; expected one of {KINDS}")
-    out = fn(image, strength, rng)
+    out = _distortion(kind)(image, strength, rng)
     assert out.shape == image.shape and out.dtype == np.uint8, (kind, out.shape, out.dtype)
     return out
 
@@ -259,6 +253,32 @@ def default_roots() -> list[Path]:
     if sklearn is not None:
         candidates += [sklearn / "datasets" / "images" / name for name in ("china.jpg", "flower.jpg")]
     return [path for path in candidates if path.exists()]
+
+
+def kind_probabilities(kind_weights: dict[str, float] | None) -> np.ndarray:
+    """Sampling probabilities over `KINDS` from weights by kind (missing kinds weigh 1).
+
+    Raises ValueError naming a misspelt kind, so a recipe fails when it loads, not mid-run.
+    """
+    weights = dict(kind_weights or {})
+    unknown = sorted(set(weights) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown distortion kinds in kind_weights: {', '.join(unknown)}")
+    p = np.array([float(weights.get(k, 1.0)) for k in KINDS])
+    if (p < 0).any() or p.sum() <= 0:
+        raise ValueError("kind_weights must be >= 0 and not all zero")
+    probabilities: np.ndarray = p / p.sum()
+    return probabilities
+
+
+def photo_split(extra_roots: Sequence[str | Path] = ()) -> tuple[list[Path], list[Path]]:
+    """(training photos, held-out photos) of `extra_roots` followed by `default_roots()`.
+
+    The one list every consumer splits (pretraining, CSV training's ranking groups, the synthetic
+    order check): the same roots in the same order hold out the same photos.
+    """
+    roots = list(dict.fromkeys([*(Path(r) for r in extra_roots), *default_roots()]))
+    return split_photos(pristine_photos(roots))
 
 
 def split_photos(photos: Sequence[Path]) -> tuple[list[Path], list[Path]]:
@@ -434,6 +454,13 @@ def _check_image(image: np.ndarray) -> None:
         raise ValueError(f"image must be a uint8 numpy array, got {type(image).__name__}")
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image must have shape [H, W, 3] with H, W >= 1, got {image.shape}")
+
+
+def _distortion(kind: str) -> Callable[[np.ndarray, float, np.random.Generator], np.ndarray]:
+    fn = _DISTORTIONS.get(kind)
+    if fn is None:
+        raise ValueError(f"unknown distortion kind {kind!r}; expected one of {KINDS}")
+    return fn
 
 
 def _check_level(level: int) -> None:

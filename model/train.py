@@ -118,11 +118,12 @@ class TrainConfig:
         config.photos = [str((base / p).resolve()) for p in config.photos]
         config.check_precision()
         config.network()  # fail at load, naming the setting, not halfway into a run
-        from model.distortions import KINDS
+        from model.distortions import kind_probabilities
 
-        unknown_kinds = sorted(set(config.kind_weights) - set(KINDS))
-        if unknown_kinds:
-            raise ValueError(f"{path}: unknown kinds in kind_weights: {', '.join(unknown_kinds)}")
+        try:
+            kind_probabilities(config.kind_weights)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         return config
 
     def check_precision(self) -> None:
@@ -192,11 +193,10 @@ def seed_everything(seed: int) -> None:
 def _datasets(cfg: TrainConfig, packing: PackingConfig) -> tuple[ImageDataset, ImageDataset]:
     """(training dataset, validation samples)."""
     if cfg.synthetic:
-        from model.distortions import default_roots, pristine_photos, split_photos
+        from model.distortions import photo_split
 
-        roots = list(dict.fromkeys([*(Path(p) for p in cfg.photos), *default_roots()]))
         # Every tenth photo (its distorted versions) is held out for validation: unseen content.
-        train_photos, val_photos = split_photos(pristine_photos(roots))
+        train_photos, val_photos = photo_split(cfg.photos)
         val = SyntheticDistortions(
             val_photos, packing, length=min(300, 20 * len(val_photos)), seed=cfg.seed + 1
         )
@@ -228,10 +228,9 @@ def _mixed_groups(cfg: TrainConfig, packing: PackingConfig, steps: int) -> Disto
     """CSV training's ranking groups: the training photos of synthetic pretraining (never its held-out ones)."""
     if cfg.synthetic or cfg.rank_weight <= 0 or cfg.rank_groups <= 0:
         return None
-    from model.distortions import default_roots, pristine_photos, split_photos
+    from model.distortions import photo_split
 
-    roots = list(dict.fromkeys([*(Path(p) for p in cfg.photos), *default_roots()]))
-    return _groups(cfg, split_photos(pristine_photos(roots))[0], packing, steps * cfg.rank_groups)
+    return _groups(cfg, photo_split(cfg.photos)[0], packing, steps * cfg.rank_groups)
 
 
 def _loader(
@@ -359,27 +358,22 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> di
             with cfg.autocast():
                 output = model(*inputs)
             loss = loss_fn(model, output.float(), target)
+            ranked, ranked_out = None, None
             if "group" in batch:  # synthetic ranking groups: the same batch is ranked too
-                rank = ranking_loss(
-                    model.score(output.float()),
-                    batch["level"].to(cfg.device),
-                    batch["group"].to(cfg.device),
-                    cfg.rank_margin,
-                )
+                ranked, ranked_out = batch, output
             elif group_batches is not None:  # CSV training: a batch of synthetic groups besides
-                group_batch = next(group_batches)
-                g_inputs = [group_batch[k].to(cfg.device) for k in ("patches", "spatial", "scale", "mask")]
+                ranked = next(group_batches)
                 with cfg.autocast():
-                    g_out = model(*g_inputs)
+                    ranked_out = model(
+                        *[ranked[k].to(cfg.device) for k in ("patches", "spatial", "scale", "mask")]
+                    )
+            if ranked is not None and ranked_out is not None:
                 rank = ranking_loss(
-                    model.score(g_out.float()),
-                    group_batch["level"].to(cfg.device),
-                    group_batch["group"].to(cfg.device),
+                    model.score(ranked_out.float()),
+                    ranked["level"].to(cfg.device),
+                    ranked["group"].to(cfg.device),
                     cfg.rank_margin,
                 )
-            else:
-                rank = None
-            if rank is not None:
                 rank_losses.append(rank.item())
                 loss = loss + cfg.rank_weight * rank
             optimizer.zero_grad(set_to_none=True)

@@ -635,5 +635,5 @@ def test_a_misspelt_kind_weight_fails_at_load(tmp_path: Path) -> None:
     recipe = write_recipe(
         tmp_path / "r.toml", data="synthetic = true\nrank_weight = 1.0\nkind_weights = { jpg = 2.0 }"
     )
-    with pytest.raises(ValueError, match="unknown kinds in kind_weights: jpg"):
+    with pytest.raises(ValueError, match="unknown distortion kinds in kind_weights: jpg"):
         TrainConfig.load(recipe)
