@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--batch-size",
         type=int,
-        help="images in one inference batch (default: the server's for the device: 4 CPU, 64 GPU)",
+        help="images in one inference batch (default: 1 on CPUs, the server's 64 on GPUs)",
     )
     p.add_argument(
         "--max-native-tokens",
@@ -56,6 +56,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=1.0,
         help="CPU actors: CPUs each reserves, and its ONNX Runtime threads (default: 1)",
+    )
+    p.add_argument(
+        "--decode",
+        choices=("auto", "tasks", "actors"),
+        default="auto",
+        help="where decoding and packing run: their own CPU tasks, or the scoring actors "
+        "(default: tasks with GPUs, actors on CPUs alone)",
     )
     p.add_argument("--num-cpus", type=int, help="local cluster only: CPUs Ray may use (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (the summary is printed)")
@@ -105,6 +112,7 @@ def cmd_bulk(args: argparse.Namespace) -> int:
         part_rows=args.part_rows,
         actors=args.actors,
         cpus_per_actor=args.cpus_per_actor,
+        decode=args.decode,
     )
     init_kwargs = {"num_cpus": args.num_cpus} if args.num_cpus and not args.address else {}
     if inputs:

@@ -1,8 +1,13 @@
-"""The Ray Data pipeline behind `musiq bulk`: read -> decode + pack (CPU tasks) -> score (actors).
+"""The Ray Data pipeline behind `musiq bulk`: read -> decode + pack -> score (actors).
 
-- **Decode and pack** run as `map_batches` tasks, one CPU each, calling the server's own
-  `service.prepare.prepare_image` with the server's defaults (pixel limit, padding rows dropped):
-  the same bytes give the same rows, hence the same score, as `/v1/score`.
+- **Decode and pack** call the server's own `service.prepare.prepare_image` with the server's
+  defaults (pixel limit, padding rows dropped): the same bytes give the same rows, hence the same
+  score, as `/v1/score`. Where they run depends on the cluster (`decode_stage`):
+  - **with GPUs**, as `map_batches` tasks on the CPUs, so that CPU nodes keep the GPU actors fed;
+  - **on CPUs only**, inside the scoring actors, just before inference. There the two stages
+    share the same cores, and a packed image (~5 MB of float32 patches) that crosses between
+    processes costs more CPU than its decode: on a 2-core machine, separate tasks made bulk take
+    16 % longer end to end than decoding in the actors (docs/bulk.md).
 - **Scoring** runs in an actor pool: each actor loads the ONNX file once (`ModelRuntime`, the
   server's class: same metadata, same providers logic; CUDA with `num_gpus=1` when the cluster
   has GPUs), groups the rows it receives by the server's length buckets and forms each inference
@@ -52,9 +57,10 @@ from service.runtime import ModelRuntime, RuntimeOptions
 
 logger = logging.getLogger(__name__)
 
-PREPARE_CPUS = 0.25  # CPU clusters: what one decode + pack task reserves
+PREPARE_CPUS = 0.25  # decode tasks on a CPU-only cluster (`--decode tasks`): what one reserves
+DECODE_STAGES = ("auto", "tasks", "actors")
 
-# Columns between the stages: the packed rows travel as raw bytes (no per-value conversion).
+# Columns between separate stages: the packed rows travel as raw bytes (no per-value conversion).
 _PACKED = ("patches", "spatial", "scale", "mask")
 
 
@@ -69,6 +75,7 @@ class BulkOptions:
     part_rows: int = 64  # rows per output part: the actors' batch, and resume's granularity
     actors: int | None = None  # inference actors (None: one per GPU, else one per cpus_per_actor)
     cpus_per_actor: float = 1.0  # CPU actors: reserved CPUs; ORT uses that many threads (>= 1)
+    decode: str = "auto"  # where decode + pack run: "tasks", "actors", or auto (`decode_stage`)
     max_pixels: int = DEFAULT_MAX_PIXELS
     progress: bool = True
     ray_init: dict[str, Any] = field(default_factory=dict)
@@ -109,36 +116,88 @@ def read_bytes(uri: str) -> bytes:
     return data
 
 
+@dataclass(frozen=True)
+class Row:
+    """One input after decode + pack: its packed rows, or the REST API's error code."""
+
+    image: str
+    packed: PackedImage | None
+    tokens: int | None  # the packed image's token count, as `/v1/score` reports it
+    error: str | None
+
+
+def prepare_rows(
+    images: Sequence[str], uris: Sequence[str], packing: PackingConfig, max_pixels: int
+) -> list[Row]:
+    """Reads, decodes and packs each input; a failure becomes its error code, never an exception."""
+    rows: list[Row] = []
+    for image, uri in zip(images, uris, strict=True):
+        try:
+            prepared = prepare_file(uri, packing, read=read_bytes, max_pixels=max_pixels)
+        except ScoringError as exc:  # the REST API's code for the same bytes
+            rows.append(Row(image, None, None, exc.code))
+        else:
+            rows.append(Row(image, prepared.compute, prepared.packed.num_tokens, None))
+    return rows
+
+
+def input_rows(batch: pa.Table, packing: PackingConfig, max_pixels: int) -> list[Row]:
+    """`prepare_rows` over a batch of inputs (`image`, `uri` columns)."""
+    images = batch.column("image").to_pylist()
+    return prepare_rows(images, batch.column("uri").to_pylist(), packing, max_pixels)
+
+
 def prepare_batch(
     batch: pa.Table, *, packing: PackingConfig, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> pa.Table:
-    """Stage 1 (a CPU task): reads, decodes and packs each input; failures become error codes."""
-    out: dict[str, list[Any]] = {k: [] for k in ("image", "tokens", "error", "shape")}
-    arrays: dict[str, list[np.ndarray | None]] = {name: [] for name in _PACKED}
-    for image, uri in zip(batch.column("image").to_pylist(), batch.column("uri").to_pylist(), strict=True):
-        packed: PackedImage | None = None
-        tokens: int | None = None
-        error: str | None = None
-        try:
-            prepared = prepare_file(uri, packing, read=read_bytes, max_pixels=max_pixels)
-            packed, tokens = prepared.compute, prepared.packed.num_tokens
-        except ScoringError as exc:  # the REST API's code for the same bytes
-            error = exc.code
-        out["image"].append(image)
-        out["tokens"].append(tokens)
-        out["error"].append(error)
-        out["shape"].append(list(packed.patches.shape) if packed is not None else None)
-        for name in _PACKED:
-            arrays[name].append(getattr(packed, name) if packed is not None else None)
+    """Decode + pack as its own stage (CPU tasks): the rows as a table for the scoring actors."""
+    return rows_table(input_rows(batch, packing, max_pixels))
+
+
+def rows_table(rows: Sequence[Row]) -> pa.Table:
+    """Rows as one Arrow table: small columns as values, each packed array as one buffer."""
     return pa.table(
         {
-            "image": pa.array(out["image"], pa.string()),
-            "tokens": pa.array(out["tokens"], pa.int64()),
-            "error": pa.array(out["error"], pa.string()),
-            "shape": pa.array(out["shape"], pa.list_(pa.int64())),
-            **{name: binary_column(arrays[name]) for name in _PACKED},
+            "image": pa.array([r.image for r in rows], pa.string()),
+            "tokens": pa.array([r.tokens for r in rows], pa.int64()),
+            "error": pa.array([r.error for r in rows], pa.string()),
+            "shape": pa.array(
+                [list(r.packed.patches.shape) if r.packed is not None else None for r in rows],
+                pa.list_(pa.int64()),
+            ),
+            **{
+                name: binary_column([getattr(r.packed, name) if r.packed is not None else None for r in rows])
+                for name in _PACKED
+            },
         }
     )
+
+
+def table_rows(batch: pa.Table, packing: PackingConfig) -> list[Row]:
+    """`rows_table`'s rows again, their packed arrays as views of the table's buffers (no copy)."""
+    small = batch.select(["image", "tokens", "error", "shape"]).to_pylist()
+    views = {name: column_views(batch.column(name)) for name in _PACKED}
+
+    def array(name: str, i: int, dtype: type[np.generic]) -> np.ndarray:
+        view = views[name][i]
+        if view is None:
+            raise ValueError(f"row {i} has no {name} but no error either")
+        return np.frombuffer(view, dtype)
+
+    rows: list[Row] = []
+    for i, r in enumerate(small):
+        packed = None
+        if r["error"] is None:
+            packed = PackedImage(
+                patches=array("patches", i, np.float32).reshape(r["shape"]),
+                spatial=array("spatial", i, np.int32),
+                scale=array("scale", i, np.int32),
+                mask=array("mask", i, np.bool_),
+                layout=(),
+                config=packing,
+            )
+        rows.append(Row(r["image"], packed, r["tokens"], r["error"]))
+    return rows
 
 
 def binary_column(arrays: Sequence[np.ndarray | None]) -> pa.Array:
@@ -178,19 +237,6 @@ def column_views(column: pa.ChunkedArray | pa.Array) -> list[memoryview | None]:
     return views
 
 
-def unpack_row(row: dict[str, Any], packing: PackingConfig) -> PackedImage:
-    """A `PackedImage` over a stage-1 row's buffers (`row[name]`: bytes or a `column_views` view)."""
-    n, width = row["shape"]
-    return PackedImage(
-        patches=np.frombuffer(row["patches"], np.float32).reshape(n, width),
-        spatial=np.frombuffer(row["spatial"], np.int32),
-        scale=np.frombuffer(row["scale"], np.int32),
-        mask=np.frombuffer(row["mask"], np.bool_),
-        layout=(),
-        config=packing,
-    )
-
-
 # ------------------------------------------------------------------------------- stage 2: score
 
 
@@ -200,7 +246,10 @@ def part_name(images: Sequence[str]) -> str:
 
 
 class Scorer:
-    """Stage 2 (an actor): the model, loaded once; scores a batch of rows and writes them."""
+    """Stage 2 (an actor): the model, loaded once; scores a batch of rows and writes them.
+
+    A batch is either stage 1's rows (decode tasks ran) or inputs (`image`, `uri`): then this
+    actor decodes and packs them itself, with the same function the tasks call."""
 
     def __init__(
         self,
@@ -210,26 +259,24 @@ class Scorer:
         options: RuntimeOptions,
         batch_size: int | None = None,
         max_batch_tokens: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.runtime = ModelRuntime(model, options)
         self.output = output
         self.packing = packing
+        self.max_pixels = max_pixels
         # the server's batching defaults for this device
         self.config = batcher_config(self.runtime, batch_size, max_batch_tokens)
         self.meta = self.runtime.metadata
 
-    def score_table(self, batch: pa.Table) -> pa.Table:
-        """The output rows for a batch of stage 1's rows."""
-        # The small columns as Python values; the packed arrays as views of the Arrow buffers.
-        rows = batch.drop_columns(list(_PACKED)).to_pylist()
-        for name in _PACKED:
-            for row, view in zip(rows, column_views(batch.column(name)), strict=True):
-                row[name] = view
-        ok = [i for i, r in enumerate(rows) if r["error"] is None]
-        predictions = score_packed(self.runtime, [unpack_row(rows[i], self.packing) for i in ok], self.config)
+    def score_rows(self, rows: Sequence[Row]) -> pa.Table:
+        """The output rows."""
+        ok = [i for i, r in enumerate(rows) if r.packed is not None]
+        packed = [item for r in rows if (item := r.packed) is not None]
+        predictions = score_packed(self.runtime, packed, self.config)
         score: list[float | None] = [None] * len(rows)
         dist: list[list[float] | None] = [None] * len(rows)
-        errors: list[str | None] = [r["error"] for r in rows]
+        errors: list[str | None] = [r.error for r in rows]
         for i, p in zip(ok, predictions, strict=True):
             if isinstance(p, str):
                 errors[i] = p
@@ -239,17 +286,29 @@ class Scorer:
         n = len(rows)
         return pa.table(
             {
-                "image": [r["image"] for r in rows],
+                "image": [r.image for r in rows],
                 "score": pa.array(score, pa.float64()),
                 "distribution": pa.array(dist, pa.list_(pa.float64())),
                 "model": [self.meta.name] * n,
                 "model_version": [self.meta.version] * n,
                 "tokens": pa.array(
-                    [r["tokens"] if e is None else None for r, e in zip(rows, errors, strict=True)],
+                    [r.tokens if e is None else None for r, e in zip(rows, errors, strict=True)],
                     pa.int64(),
                 ),
                 "error": pa.array(errors, pa.string()),
             }
+        )
+
+    def score_table(self, batch: pa.Table) -> pa.Table:
+        """The output rows for a batch of stage 1's rows, or of inputs to decode here first."""
+        if "uri" not in batch.column_names:
+            return self.score_rows(table_rows(batch, self.packing))
+        # Inputs: decoded a few inference batches at a time, not a whole part at once, whose
+        # packed rows (up to ~9 MB an image under the default cap) would all be held together.
+        step = 4 * self.config.max_batch_size
+        return pa.concat_tables(
+            self.score_rows(input_rows(batch.slice(start, step), self.packing, self.max_pixels))
+            for start in range(0, max(batch.num_rows, 1), step)
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -266,18 +325,32 @@ def scorer_class(
     options: RuntimeOptions,
     batch_size: int | None,
     max_batch_tokens: int | None,
+    max_pixels: int,
 ) -> type[Scorer]:
     """`Scorer` with its arguments bound: Ray Data builds actors from a class, and arguments
     passed separately live in the object store, where a restarted actor might not find them."""
 
     class BoundScorer(Scorer):
         def __init__(self) -> None:
-            super().__init__(model, output, packing, options, batch_size, max_batch_tokens)
+            super().__init__(model, output, packing, options, batch_size, max_batch_tokens, max_pixels)
 
     return BoundScorer
 
 
 # ------------------------------------------------------------------------------------ the driver
+
+
+def decode_stage(choice: str, gpus: int) -> str:
+    """Where decode + pack run: `tasks` (their own CPU tasks) or `actors` (the scoring actors).
+
+    `auto` picks tasks when the cluster has GPUs (CPU nodes decode while GPUs infer) and the
+    actors otherwise: on CPUs alone both stages share the cores, and handing a packed image (~5 MB)
+    to another process only adds work."""
+    if choice not in DECODE_STAGES:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_STAGES)}, not {choice!r}")
+    if choice == "auto":
+        return "tasks" if gpus else "actors"
+    return choice
 
 
 def init_ray(address: str | None, **kwargs: Any) -> None:
@@ -318,20 +391,25 @@ def run(
     resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
     gpus = int(resources.get("GPU", 0))
     cpus = float(resources.get("CPU", 1))
+    in_actors = decode_stage(options.decode, gpus) == "actors"
+    batch_size = options.batch_size
     if gpus:
         actors = options.actors or gpus
         actor_resources: dict[str, Any] = {"num_gpus": 1, "num_cpus": 1}
         runtime = RuntimeOptions(providers=("CUDAExecutionProvider",))
         prepare_cpus = 1.0
     else:
-        # Decoding and packing an image costs about 1/15 of its CPU inference (docs/bulk.md), so
-        # inference gets the cores: each actor reserves all but PREPARE_CPUS of its share, which
-        # leaves one decode task (PREPARE_CPUS each) beside every actor.
         actors = options.actors or max(1, int(cpus // options.cpus_per_actor))
-        # (At least twice PREPARE_CPUS: resources that differ keep Ray Data from fusing the decode
-        # tasks into the actors, where decoding would wait for inference.)
-        actor_resources = {"num_cpus": max(2 * PREPARE_CPUS, options.cpus_per_actor - PREPARE_CPUS)}
         runtime = RuntimeOptions(intra_op_threads=max(1, round(options.cpus_per_actor)))
+        # One image at a time: on a CPU a batch costs the sum of its images and its padding
+        # (batches of 4 ran 4-7 % slower an image here); offline nobody waits for a batch to fill.
+        batch_size = batch_size or 1
+        if in_actors:
+            actor_resources = {"num_cpus": options.cpus_per_actor}
+        else:
+            # Decode tasks beside the actors: each actor reserves all but PREPARE_CPUS of its
+            # share, which leaves one decode task (PREPARE_CPUS each) beside every actor.
+            actor_resources = {"num_cpus": max(2 * PREPARE_CPUS, options.cpus_per_actor - PREPARE_CPUS)}
         prepare_cpus = PREPARE_CPUS
 
     from ray.data import DataContext
@@ -351,24 +429,28 @@ def run(
             [{"image": i.image, "uri": i.uri} for i in inputs],
             override_num_blocks=-(-len(inputs) // block_rows),
         )
-        ds = ds.map_batches(
-            prepare_batch,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs={"packing": packing, "max_pixels": options.max_pixels},
-            num_cpus=prepare_cpus,  # a task whose worker died runs again (Ray's default: 3 retries)
-        )
+        if not in_actors:
+            ds = ds.map_batches(
+                prepare_batch,
+                batch_format="pyarrow",
+                batch_size=None,
+                zero_copy_batch=True,  # reads its input, never writes it
+                fn_kwargs={"packing": packing, "max_pixels": options.max_pixels},
+                num_cpus=prepare_cpus,  # a task whose worker died runs again (Ray's default: 3 retries)
+            )
         ds = ds.map_batches(
             scorer_class(
                 str(options.model),
                 options.output,
                 packing,
                 runtime,
-                options.batch_size,
+                batch_size,
                 options.max_batch_tokens,
+                options.max_pixels,
             ),
             batch_format="pyarrow",
             batch_size=options.part_rows,
+            zero_copy_batch=True,
             # Ray Data restarts a dead actor (max_restarts=-1: the model loads again) and retries
             # its unfinished batches (max_task_retries=-1); its defaults, relied on, not repeated.
             compute=ray.data.ActorPoolStrategy(size=actors),

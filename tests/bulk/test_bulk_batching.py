@@ -79,3 +79,37 @@ def test_packed_arrays_cross_stages_intact_nulls_and_slices_included() -> None:
             else:
                 np.testing.assert_array_equal(np.frombuffer(view, np.float32).reshape(-1, 3), a)
     assert column_views(binary_column([])) == []
+
+
+def test_packed_rows_cross_stages_intact() -> None:
+    """`rows_table` (what decode tasks return) read back by `table_rows` (what the actors score):
+    the same packed arrays, tokens and error codes, row for row."""
+    from bulk.pipeline import Row, rows_table, table_rows
+    from model.config import PackingConfig
+    from model.packing import pack
+
+    rng = np.random.default_rng(1)
+    packing = PackingConfig(longer_sides=(64,), max_native_tokens=16, pad_native=False)
+    packed = [pack(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), packing) for h, w in ((40, 70), (96, 33))]
+    rows = [
+        Row("a.jpg", packed[0], packed[0].num_tokens, None),
+        Row("bad.jpg", None, None, "image_corrupt"),
+        Row("b.png", packed[1], packed[1].num_tokens, None),
+    ]
+    back = table_rows(rows_table(rows), packing)
+    assert [(r.image, r.tokens, r.error) for r in back] == [(r.image, r.tokens, r.error) for r in rows]
+    assert back[1].packed is None
+    for got, want in ((back[0].packed, packed[0]), (back[2].packed, packed[1])):
+        assert got is not None
+        for name in ("patches", "spatial", "scale", "mask"):
+            np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+
+
+def test_decoding_runs_in_the_actors_on_cpus_and_in_tasks_beside_gpus() -> None:
+    from bulk.pipeline import decode_stage
+
+    assert decode_stage("auto", gpus=0) == "actors"
+    assert decode_stage("auto", gpus=2) == "tasks"
+    assert decode_stage("tasks", gpus=0) == "tasks" and decode_stage("actors", gpus=1) == "actors"
+    with pytest.raises(ValueError, match="decode must be one of"):
+        decode_stage("threads", gpus=0)

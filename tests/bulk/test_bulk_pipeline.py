@@ -25,6 +25,7 @@ from tests.bulk.images import EXPECTED, MISSING, write_images
 # The server-path comparison: the same rows through the same session, alone instead of batched.
 # Padding an item inside a batch changes only the float summation order.
 TOLERANCE = 1e-5
+PART_ROWS = {"tasks": 3, "actors": 10}
 
 
 @pytest.fixture(scope="module")
@@ -45,31 +46,43 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, by
     return root, write_images(root)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["tasks", "actors"])
 def scored(
-    ray_cluster: None, images: tuple[Path, dict[str, bytes]], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    ray_cluster: None,
+    images: tuple[Path, dict[str, bytes]],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> tuple[Summary, list[dict[str, Any]], str]:
+    """Both places decoding can run: its own CPU tasks (as with GPUs) and the scoring actors."""
     root, _ = images
     listing = tmp_path_factory.mktemp("list") / "inputs.txt"
     listing.write_text(f"{root / MISSING}\n")
     out = str(tmp_path_factory.mktemp("out") / "scores")
     inputs = expand_sources([str(root), str(listing)])
-    # Three rows a part and batches of two: several actor calls, parts and buckets.
-    summary = run(inputs, BulkOptions(model=EMBEDDED_ONNX, output=out, part_rows=3, batch_size=2))
+    # Batches of two and several actor calls, parts and buckets; with decoding in the actors, a
+    # part of 10 rows is decoded 8 (4 batches) and 2 at a time.
+    part_rows = PART_ROWS[request.param]
+    options = BulkOptions(
+        model=EMBEDDED_ONNX, output=out, part_rows=part_rows, batch_size=2, decode=request.param
+    )
+    summary = run(inputs, options)
     return summary, read_output(out).to_pylist(), out
 
 
 def test_every_input_gets_exactly_one_row(
-    scored: tuple[Summary, list[dict[str, Any]], str], images: tuple[Path, dict[str, bytes]]
+    scored: tuple[Summary, list[dict[str, Any]], str],
+    images: tuple[Path, dict[str, bytes]],
+    request: pytest.FixtureRequest,
 ) -> None:
     summary, rows, out = scored
     root, _ = images
     names = [str(root / n) for n in EXPECTED] + [str(root / MISSING)]
     assert sorted(r["image"] for r in rows) == sorted(names)
     assert summary.images == len(names) and summary.errors == 5
-    assert len(part_files(out)) == math.ceil(len(names) / 3)
-    # Decoding ran as its own CPU tasks, not fused into the scoring actors.
-    assert "MapBatches(prepare_batch)" in summary.operators, summary.operators
+    assert len(part_files(out)) == math.ceil(len(names) / PART_ROWS[request.node.callspec.params["scored"]])
+    # Decoding ran where it was asked to: its own CPU tasks, or inside the scoring actors.
+    separate = "MapBatches(prepare_batch)" in summary.operators
+    assert separate == (request.node.callspec.params["scored"] == "tasks"), summary.operators
 
 
 def test_bad_input_gets_the_servers_error_code(
