@@ -8,14 +8,15 @@ The lent machine receives the working tree plus carried paths, 64 MiB per call, 
 - `.data/init/stage1.fp16.safetensors`: stage 1's network (runs/pretrain_gpu/best.safetensors,
   from configs/pretrain_synthetic_gpu.toml), stored as float16, when that run is on this disk;
 - `.data/init/stage1b.fp16.safetensors`: stage 1b's network, the start of issue 17's ranking stages
-  (`runs/pretrain_synthetic.fp16.safetensors`, restored from git history as
-  model/weights/MODEL_CARD.md says), when it is on this disk.
+  (`runs/pretrain_synthetic.fp16.safetensors`; restored there from git history first when this
+  disk lacks it, as model/weights/MODEL_CARD.md says: a fresh machine has no runs/).
 """
 
 from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
 from pathlib import Path
 
 from PIL import Image
@@ -25,6 +26,23 @@ from tools.half_checkpoint import main as half_checkpoint
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 DATA = Path(__file__).resolve().parents[1] / ".data"
+STAGE1B = Path("runs/pretrain_synthetic.fp16.safetensors")
+# The commit that last held stage 1b's network in the tree (model/weights/MODEL_CARD.md).
+STAGE1B_IN_HISTORY = "2d43095:model/weights/pretrain_synthetic.fp16.safetensors"
+
+
+def restore_stage1b() -> bool:
+    """Writes stage 1b's network to STAGE1B from git history unless it is there; False if the
+    history is not at hand (a shallow clone)."""
+    if STAGE1B.exists():
+        return True
+    found = subprocess.run(["git", "show", STAGE1B_IN_HISTORY], capture_output=True, check=False)
+    if found.returncode != 0:
+        print(f"stage 1b is not in this clone's history ({STAGE1B_IN_HISTORY}): skipped")
+        return False
+    STAGE1B.parent.mkdir(parents=True, exist_ok=True)
+    STAGE1B.write_bytes(found.stdout)
+    return True
 
 
 def main() -> None:
@@ -32,8 +50,8 @@ def main() -> None:
     (DATA / "init").mkdir(parents=True, exist_ok=True)
     if Path("runs/pretrain_gpu/best.safetensors").exists():
         half_checkpoint("runs/pretrain_gpu/best.safetensors", str(DATA / "init" / "stage1.fp16.safetensors"))
-    if Path("runs/pretrain_synthetic.fp16.safetensors").exists():
-        shutil.copy("runs/pretrain_synthetic.fp16.safetensors", DATA / "init" / "stage1b.fp16.safetensors")
+    if restore_stage1b():
+        shutil.copy(STAGE1B, DATA / "init" / "stage1b.fp16.safetensors")
     train, val = split_samples(read_labels(SHARED / "clive" / "labels.csv"), 0.2, 0)
     images = DATA / "clive" / "images"
     images.mkdir(parents=True, exist_ok=True)
