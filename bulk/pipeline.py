@@ -7,7 +7,7 @@
   - **on CPUs only**, inside the scoring actors, just before inference. There the two stages
     share the same cores, and a packed image (~5 MB of float32 patches) that crosses between
     processes costs more CPU than its decode: on a 2-core machine, separate tasks made bulk take
-    16 % longer end to end than decoding in the actors (docs/bulk.md).
+    16-24 % longer end to end than decoding in the actors (docs/bulk.md).
 - **Scoring** runs in an actor pool: each actor loads the ONNX file once (`ModelRuntime`, the
   server's class: same metadata, same providers logic; CUDA with `num_gpus=1` when the cluster
   has GPUs), groups the rows it receives by the server's length buckets and forms each inference
