@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 
 PREPARE_CPUS = 0.25  # decode tasks on a CPU-only cluster (`--decode tasks`): what one reserves
 DECODE_STAGES = ("auto", "tasks", "actors")
+# A batch whose decoding killed its process runs again this often, then the job stops: Ray Data
+# would otherwise retry it without end (its tasks' max_retries and actors' max_task_retries are -1).
+DECODE_RETRIES = 3
 
 # Columns between separate stages: the packed rows travel as raw bytes (no per-value conversion).
 _PACKED = ("patches", "spatial", "scale", "mask")
@@ -436,7 +439,8 @@ def run(
                 batch_size=None,
                 zero_copy_batch=True,  # reads its input, never writes it
                 fn_kwargs={"packing": packing, "max_pixels": options.max_pixels},
-                num_cpus=prepare_cpus,  # a task whose worker died runs again (Ray's default: 3 retries)
+                num_cpus=prepare_cpus,
+                max_retries=DECODE_RETRIES,
             )
         ds = ds.map_batches(
             scorer_class(
@@ -452,9 +456,11 @@ def run(
             batch_size=options.part_rows,
             zero_copy_batch=True,
             # Ray Data restarts a dead actor (max_restarts=-1: the model loads again) and retries
-            # its unfinished batches (max_task_retries=-1); its defaults, relied on, not repeated.
+            # its unfinished batches (max_task_retries=-1). Decoding in the actors, an image that
+            # crashes the decoder would kill every restart: bounded like the decode tasks.
             compute=ray.data.ActorPoolStrategy(size=actors),
             **actor_resources,
+            **({"max_task_retries": DECODE_RETRIES} if in_actors else {}),
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             for code in batch.column("error").to_pylist():
