@@ -21,6 +21,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--rollout", action="store_true", help="also write NAME.rollout.onnx with the CLS attention rollout"
     )
     e.add_argument(
+        "--split",
+        action="store_true",
+        help="also write NAME.features.onnx and NAME.head.onnx, the halves a CPU server runs faster (fp32)",
+    )
+    e.add_argument(
         "--rollout-weights",
         choices=["fp32", "fp16"],
         default="fp32",
@@ -61,6 +66,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         rollout=args.rollout,
         rollout_weights=args.rollout_weights,
+        split=args.split,
         min_int8_srcc=args.min_int8_srcc,
         photos=distorted_photos(limit=args.photos),
         tolerance=args.tolerance,
@@ -70,6 +76,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             {
                 "path": str(result.path),
                 "rollout": str(result.rollout_path) if result.rollout_path else None,
+                "split": [str(p) for p in result.split_paths] if result.split_paths else None,
                 "fused": result.fused,
                 "parity": result.metadata.parity,
             }

@@ -24,8 +24,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.graph import RolloutGraph, ScoringGraph, export_graph
-from export.metadata import ModelMetadata
+from export.graph import RolloutGraph, ScoringGraph, export_graph, export_split
+from export.metadata import ModelMetadata, split_paths
 from export.optimize import fuse, fused_op_counts, to_fp16, to_fp16_weights, to_int8
 from export.verify import SHAPES, ShapeCheck, check_shapes, compare_precision, photo_scores
 from model.checkpoint import file_sha256, load_checkpoint
@@ -61,6 +61,7 @@ class ExportResult:
     fused: dict[str, int]
     shape_checks: list[ShapeCheck]
     rollout_path: Path | None = None
+    split_paths: tuple[Path, Path] | None = None
 
 
 def fp32_bound(checks: Sequence[ShapeCheck], tolerance: float | None = None) -> tuple[float, str]:
@@ -137,6 +138,7 @@ def export_checkpoint(
     opset: int = 17,
     rollout: bool = False,
     rollout_weights: str = "fp32",
+    split: bool = False,
     min_int8_srcc: float = MIN_INT8_SRCC,
     photos: Sequence[tuple[str, np.ndarray]] | None = None,
     shapes: Sequence[tuple[int, int, str]] = SHAPES,
@@ -144,9 +146,12 @@ def export_checkpoint(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> ExportResult:
     """`tolerance`: the largest fp32 ONNX-vs-PyTorch difference accepted (absolute); by default
-    `fp32_bound` sets it from the scores. It also bounds the rollout graph's check."""
+    `fp32_bound` sets it from the scores. It also bounds the rollout graph's and the halves' checks.
+    `split`: also the graph's two halves for CPU serving (`_export_split`; fp32 only)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+    if split and precision != "fp32":
+        raise ValueError("the split halves are fp32 graphs: export them with --precision fp32")
     check_tolerance(tolerance)
     output = Path(output)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -228,8 +233,60 @@ def export_checkpoint(
         result.rollout_path = _export_rollout(
             model, output, metadata, opset, shapes, log, rollout_weights, images[:8], tolerance
         )
+    if split:
+        result.split_paths = _export_split(model, output, metadata, opset, shapes, images[:4], tolerance, log)
     log(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {precision})")
     return result
+
+
+class _SplitSession:
+    """The two halves composed, with the surface `check_shapes` reads (`run`, `get_inputs`,
+    `get_outputs`): every row, padding included, goes through the features half at once."""
+
+    def __init__(self, features: onnx.ModelProto, head: onnx.ModelProto) -> None:
+        self.features, self.head = session(features), session(head)
+
+    def get_inputs(self) -> list[Any]:
+        return list(self.features.get_inputs())
+
+    def get_outputs(self) -> list[Any]:
+        return list(self.head.get_outputs())
+
+    def run(self, names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        patches = feeds["patches"]
+        rows = patches.reshape(-1, patches.shape[-1])
+        maps = self.features.run(None, {"rows": rows})[0].reshape(*patches.shape[:2], -1)
+        return list(self.head.run(names, {**feeds, "patches": maps}))
+
+
+def _export_split(
+    model: Musiq,
+    output: Path,
+    metadata: ModelMetadata,
+    opset: int,
+    shapes: Sequence[tuple[int, int, str]],
+    images: Sequence[np.ndarray],
+    tolerance: float | None,
+    log: Callable[[str], None],
+) -> tuple[Path, Path]:
+    """NAME.features.onnx and NAME.head.onnx (`export.graph.export_split`), which a CPU runtime
+    runs instead of the whole graph (`service.split`); written only if their composition passes
+    the same parity check against PyTorch as the whole graph, with the model's metadata."""
+    if model.patch_encoder.root is None:
+        raise ValueError("a linear patch encoder has nothing to split: export without --split")
+    paths = split_paths(output)
+    with tempfile.TemporaryDirectory() as tmp:
+        traced = export_split(model, Path(tmp) / "features.onnx", Path(tmp) / "head.onnx", opset)
+        halves = [onnx.load(p) for p in traced]
+    for half in halves:
+        onnx.checker.check_model(half)
+    checks = check_shapes(_SplitSession(*halves), model, shapes, real=images)  # type: ignore[arg-type]
+    log(f"  split halves (features -> head) vs PyTorch over {len(checks)} shapes")
+    fp32_verdict("split halves", checks, tolerance, log)
+    for half, path in zip(halves, paths, strict=True):
+        _write(half, path, metadata.to_props())
+        log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return paths[0], paths[1]
 
 
 def _export_rollout(

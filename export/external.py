@@ -312,7 +312,9 @@ def linked_location(model: onnx.ModelProto) -> set[str]:
 
 
 def _sample_feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    """Packed inputs for a MUSIQ graph (its metadata's packing): a random image and a smooth one."""
+    """Inputs for a MUSIQ graph (its metadata's packing): a random image and a smooth one, packed.
+    The split halves (`musiq export --split`) take the patch rows alone (features half) or
+    feature maps in place of patches (head half: random non-negative maps of its width)."""
     from export.metadata import ModelMetadata
     from model.packing import collate, pack
 
@@ -323,13 +325,21 @@ def _sample_feeds(model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
         rng.integers(0, 256, (240, 320, 3), dtype=np.uint8),
         np.stack([np.add.outer(ramp[:200], ramp) / 2] * 3, axis=-1).astype(np.uint8),
     ]
-    half = model.graph.input[0].type.tensor_type.elem_type == TensorProto.FLOAT16
+    first = model.graph.input[0]
+    half = first.type.tensor_type.elem_type == TensorProto.FLOAT16
+    width = first.type.tensor_type.shape.dim[-1].dim_value
     feeds = []
     for img in images:
         batch = collate([pack(img, meta.packing)])
+        patches = batch.patches
+        if first.name == "rows":
+            feeds.append({"rows": patches.reshape(-1, patches.shape[-1])})
+            continue
+        if width and width != patches.shape[-1]:
+            patches = np.abs(rng.standard_normal((*patches.shape[:2], width), dtype=np.float32))
         feeds.append(
             {
-                "patches": batch.patches.astype(np.float16) if half else batch.patches,
+                "patches": patches.astype(np.float16) if half else patches,
                 "spatial": batch.spatial,
                 "scale": batch.scale,
                 "mask": batch.mask,

@@ -159,15 +159,17 @@ def _same_max_pool(x: torch.Tensor, pads: tuple[int, int, int, int], plain: bool
     return _SamePadMaxPoolFn.forward(None, x, pads) if plain else _SamePadMaxPoolFn.apply(x, pads)
 
 
-def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, size: int) -> torch.Tensor:
-    """GroupNorm of an NCHW map as LayerNorm over each group's contiguous (C/G) x H x W block.
-
-    `size` (H = W) is static, so every reshape exports with constant shapes.
-    """
+def _normalize(norm: nn.GroupNorm, x: torch.Tensor, size: int) -> torch.Tensor:
+    """GroupNorm of an NCHW map without its affine: LayerNorm over each group's contiguous
+    (C/G) x H x W block. `size` (H = W) is static, so every reshape exports with constant shapes."""
     c, groups = norm.num_channels, norm.num_groups
     width = c // groups * size * size
-    y = F.layer_norm(x.reshape(-1, groups, width), (width,), eps=norm.eps).reshape(-1, c, size, size)
-    return y * norm.weight[:, None, None] + norm.bias[:, None, None]
+    return F.layer_norm(x.reshape(-1, groups, width), (width,), eps=norm.eps).reshape(-1, c, size, size)
+
+
+def _group_norm(norm: nn.GroupNorm, x: torch.Tensor, size: int) -> torch.Tensor:
+    """GroupNorm of an NCHW map (`_normalize`, then the per-channel affine)."""
+    return _normalize(norm, x, size) * norm.weight[:, None, None] + norm.bias[:, None, None]
 
 
 _ENCODERS: weakref.WeakValueDictionary[int, ExportPatchEncoder] = weakref.WeakValueDictionary()
@@ -350,6 +352,146 @@ class RolloutGraph(ScoringGraph):
     ) -> tuple[torch.Tensor, ...]:
         raw, rollout = self.model.attention_rollout(patches.float(), spatial, scale, mask)
         return (*self._outputs(raw), rollout)
+
+
+class FeatureGraph(nn.Module):
+    """The patch encoder's convolutions alone: rows [n, P*P*3] -> feature maps [n, C*h*w].
+
+    With `HeadGraph` it splits the scoring graph in two (`export_split`), so that a CPU runtime
+    can run this half over small chunks of rows on single-threaded sessions in parallel: each
+    chunk's maps stay in a core's cache, and no operator waits on the other core
+    (`service.split.SplitModel`; issue 19, bench/results/PERFORMANCE.md).
+
+    Each GroupNorm's scale moves into the convolutions after its ReLU where that is exact
+    (every scale > 0: relu(g z + b) = g relu(z + b/g), and a max pool commutes with a positive
+    scale), and the last unit's two GroupNorms share one scale:
+    relu(gp zp + bp + g3 z3 + b3) = gp relu(zp + (g3/gp) z3 + (bp + b3)/gp). Four multiply and
+    one add pass over a feature map fewer, ~7 % of this half's time (bench/ort_experiments.py,
+    experiment 9); the embedding's weights stay as stored, so the head links to the checkpoint.
+    """
+
+    ratio: nn.Parameter  # gn3's scale over gn_proj's
+    out_shift: nn.Parameter
+    out_scale: nn.Parameter
+
+    def __init__(self, model: Musiq) -> None:
+        super().__init__()
+        encoder = ScoringGraph(model).model.patch_encoder
+        if not isinstance(encoder, ExportPatchEncoder):
+            raise ValueError("only a ResNet / conv patch encoder can be split from its transformer")
+        self.encoder: ExportPatchEncoder = encoder
+        self.patch_size: int = encoder.patch_size
+        block = encoder.block
+        self.folded: dict[str, bool] = {"root": False, "gn1": False, "gn2": False, "out": False}
+        if block is None:  # the root's maps go to the embedding: nothing after it to fold into
+            return
+        with torch.no_grad():
+            self._fold("root", encoder.root.norm, (block.conv_proj, block.conv1))
+            self._fold("gn1", block.gn1, (block.conv2,))
+            self._fold("gn2", block.gn2, (block.conv3,))
+            gp, g3 = block.gn_proj.weight, block.gn3.weight
+            if bool((gp > 0).all()):
+                self.folded["out"] = True
+                self.ratio = nn.Parameter((g3 / gp)[:, None, None].clone(), requires_grad=False)
+                shift = (block.gn_proj.bias + block.gn3.bias) / gp
+                self.out_shift = nn.Parameter(shift[:, None, None].clone(), requires_grad=False)
+                self.out_scale = nn.Parameter(gp[:, None, None].clone(), requires_grad=False)
+
+    def _fold(self, name: str, norm: nn.GroupNorm, after: tuple[StdConv2d, ...]) -> bool:
+        if not bool((norm.weight > 0).all()):
+            self.folded[name] = False
+            return False
+        for conv in after:
+            conv.weight.mul_(norm.weight[None, :, None, None])
+        self.register_parameter(
+            name + "_shift",
+            nn.Parameter((norm.bias / norm.weight)[:, None, None].clone(), requires_grad=False),
+        )
+        self.folded[name] = True
+        return True
+
+    def _norm_relu(self, name: str, norm: nn.GroupNorm, x: torch.Tensor, size: int) -> torch.Tensor:
+        if self.folded[name]:
+            return F.relu(_normalize(norm, x, size) + getattr(self, name + "_shift"))
+        return F.relu(_group_norm(norm, x, size))
+
+    @property
+    def width(self) -> int:
+        return int(self.encoder.embedding.in_features)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        e, p = self.encoder, self.patch_size
+        root, block = e.root, e.block
+        x = rows.float().reshape(-1, p, p, 3).permute(0, 3, 1, 2)  # NHWC rows -> NCHW
+        x = _same_max_pool(
+            self._norm_relu("root", root.norm, _same_conv(root.conv, x), p // 2), root.pool_pads
+        )
+        if block is not None:
+            q = p // 4
+            y = self._norm_relu("gn1", block.gn1, _same_conv(block.conv1, x), q)
+            y = self._norm_relu("gn2", block.gn2, _same_conv(block.conv2, y), q)
+            if self.folded["out"]:
+                residual = _normalize(block.gn_proj, _same_conv(block.conv_proj, x), q)
+                z3 = _normalize(block.gn3, _same_conv(block.conv3, y), q)
+                x = F.relu(residual + z3 * self.ratio + self.out_shift) * self.out_scale
+            else:
+                residual = _group_norm(block.gn_proj, _same_conv(block.conv_proj, x), q)
+                x = F.relu(residual + _group_norm(block.gn3, _same_conv(block.conv3, y), q))
+        return x.reshape(x.shape[0], -1)
+
+
+class HeadGraph(ScoringGraph):
+    """The scoring graph from the encoder's feature maps on: `patches` [batch, tokens, C*h*w] are
+    `FeatureGraph`'s rows; the embedding and the transformer follow, as in the whole graph."""
+
+    def __init__(self, model: Musiq) -> None:
+        super().__init__(model)
+        self.model.patch_encoder = cast(ExportPatchEncoder, self.model.patch_encoder).embedding  # type: ignore[assignment]
+
+
+def export_split(model: Musiq, features: str | Path, head: str | Path, opset: int = 17) -> tuple[Path, Path]:
+    """Traces `FeatureGraph` (rows axis dynamic) and `HeadGraph` (batch and tokens dynamic) to
+    `features` and `head`; the head is fused like the whole graph (`export.optimize.fuse`)."""
+    import tempfile
+
+    from export.optimize import fuse
+
+    features, head = Path(features), Path(head)
+    feature_graph = FeatureGraph(model)
+    head_graph = HeadGraph(model)
+    inputs = list(example_inputs(feature_graph.patch_size))
+    inputs[0] = torch.rand(*inputs[0].shape[:2], feature_graph.width)
+    names = head_graph.output_names()
+    axes = {name: {0: "batch", 1: "tokens"} for name in INPUT_NAMES}
+    axes.update({name: {0: "batch"} for name in names})
+    with warnings.catch_warnings(), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            feature_graph,
+            (torch.rand(4, feature_graph.patch_size**2 * 3) * 2 - 1,),
+            str(features),
+            dynamo=False,
+            input_names=["rows"],
+            output_names=["features"],
+            dynamic_axes={"rows": {0: "rows"}, "features": {0: "rows"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+        traced = Path(tmp) / "head.onnx"
+        torch.onnx.export(
+            head_graph,
+            tuple(inputs),
+            str(traced),
+            dynamo=False,
+            input_names=list(INPUT_NAMES),
+            output_names=list(names),
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+        cfg = model.config
+        onnx.save(fuse(onnx.load(traced), cfg.num_heads, cfg.hidden_size), head)
+    return features, head
 
 
 def example_inputs(patch_size: int, batch: int = 2, tokens: int = 9) -> tuple[torch.Tensor, ...]:

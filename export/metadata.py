@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from model.config import PackingConfig
@@ -105,3 +106,11 @@ class ModelMetadata:
             return cls(**{k: v for k, v in values.items() if k in known})
         except (KeyError, TypeError, ValueError) as exc:
             raise MetadataError(f"malformed musiq metadata ({exc})") from exc
+
+
+def split_paths(model_path: str | Path) -> tuple[Path, Path]:
+    """Where the two halves of NAME.onnx lie (`musiq export --split`, `service.split`):
+    NAME.features.onnx and NAME.head.onnx."""
+    path = Path(model_path)
+    stem = path.name.removesuffix(".onnx")
+    return path.with_name(stem + ".features.onnx"), path.with_name(stem + ".head.onnx")

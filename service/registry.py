@@ -67,6 +67,8 @@ class ModelRegistry:
             providers=tuple(self.settings.providers),
             pad_multiple=self.settings.pad_multiple,
             io_binding=self.settings.io_binding,
+            split_encoder=self.settings.split_encoder,
+            encoder_chunk=self.settings.encoder_chunk,
         )
 
     async def load(

@@ -18,6 +18,7 @@ import ctypes
 import importlib.util
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +32,7 @@ import onnxruntime as ort
 
 from export.metadata import LINKED_CHECKPOINT, ModelMetadata
 from model.packing import PackedImage, collate, write_rows
+from service.split import DEFAULT_CHUNK, SplitModel, split_paths, split_problem
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +87,10 @@ class RuntimeOptions:
     pad_multiple: int | None = None
     # Feed batches through IO binding into reused (on CUDA: page-locked) buffers. None: the device's default.
     io_binding: bool | None = None
+    # On a CPU, run NAME.features.onnx / NAME.head.onnx (when exported beside the model) instead
+    # of the whole graph: the patch encoder in cache-sized chunks of rows (`service.split`).
+    split_encoder: bool = True
+    encoder_chunk: int = DEFAULT_CHUNK
 
 
 @dataclass(frozen=True)
@@ -405,6 +411,9 @@ class ModelRuntime:
         if self.pad_multiple < 1:
             raise ValueError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
         bind = self.defaults.io_binding if options.io_binding is None else options.io_binding
+        self.split: SplitModel | None = None
+        if options.split_encoder and self.providers[0] == "CPUExecutionProvider" and not self.float16:
+            self.split = self._load_split(props)
         self.pool: BufferPool | None = None
         if bind:
             pinner: Pinner = CudaHostPinner() if self.providers[0] == "CUDAExecutionProvider" else NoPinning()
@@ -426,6 +435,23 @@ class ModelRuntime:
                 )
             specs.append(InputSpec(node.name, np.dtype(ORT_TO_NUMPY[node.type]), last))
         return specs
+
+    def _load_split(self, props: dict[str, str]) -> SplitModel | None:
+        """The model's two halves, if both lie beside it and come from the same export."""
+        features, head = split_paths(self.path)
+        if not (features.is_file() and head.is_file()):
+            return None
+        threads = self.options.intra_op_threads or len(os.sched_getaffinity(0))
+        try:
+            split = SplitModel(features, head, threads, threads, self.options.encoder_chunk)
+        except Exception as exc:  # ORT's own types for malformed files
+            raise ValueError(f"cannot load {features} / {head}: {exc}") from exc
+        problem = split_problem(props, split.props)
+        if problem is not None:
+            split.close()
+            logger.warning("%s: not using its split halves (%s); re-export it", self.path, problem)
+            return None
+        return split
 
     def _check_linked_checkpoint(self, link: dict[str, str]) -> None:
         """A file whose weights are external data in a checkpoint (`export.external`) runs only
@@ -480,6 +506,8 @@ class ModelRuntime:
             "scale": batch.scale,
             "mask": batch.mask,
         }
+        if self.split is not None:
+            return dict(zip(self.split.outputs, self.split.run(**feeds), strict=True))
         return dict(zip(self.outputs, self.session.run(None, feeds), strict=True))
 
     def _run_bound(self, items: Sequence[PackedImage], length: int) -> dict[str, np.ndarray]:

@@ -87,6 +87,12 @@ class ServiceSettings(BaseSettings):
         description="shared memory per decode process for its packed result (larger ones go through a pipe)",
     )
     intra_op_threads: int = 0
+    split_encoder: bool = Field(
+        True,
+        description="on a CPU, run NAME.features.onnx + NAME.head.onnx when exported beside the model "
+        "(musiq export --split): the patch encoder in cache-sized chunks, one core each",
+    )
+    encoder_chunk: int = Field(32, ge=1, le=4096, description="patch rows per call of the features half")
     spin_threads: bool = Field(
         False, description="ONNX Runtime threads busy-wait between operators (steals decode/pack cores)"
     )

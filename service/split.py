@@ -1,0 +1,121 @@
+"""The scoring graph in two halves on a CPU: the patch encoder's convolutions over small chunks of
+rows on single-threaded sessions in parallel, then the embedding and transformer on one session.
+
+Why (issue 19, bench/results/PERFORMANCE.md): the ResNet patch encoder writes 64 KiB per token per
+feature map. Over a whole 1024x768 image (662 tokens) each map is ~42 MB, so its GroupNorms, ReLUs,
+adds and layout reorders stream from memory, and every operator splits tiny work over two threads.
+A chunk of 32 rows keeps its maps in a core's L2, and one session per core runs whole chunks
+without waiting on the other core. An ONNX Scan over chunks inside the graph was tried first and
+lost on a quiet machine: it runs the chunks one after the other, each operator still split.
+
+The halves are files the exporter writes beside the model (`export.exporter.write_split`):
+`NAME.features.onnx` (rows [n, P*P*3] -> feature maps [n, F]) and `NAME.head.onnx` (the
+scoring graph whose `patches` are those feature maps). Same arithmetic as the whole graph: the
+exporter checks the composition against it before writing them.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.metadata import split_paths
+
+__all__ = ["DEFAULT_CHUNK", "SplitModel", "split_paths", "split_problem"]
+
+DEFAULT_CHUNK = 32  # rows a feature-session call: 32 x 64 KiB maps fit a 2 MiB L2 (16 and 64 measured)
+
+
+def _session(path: Path, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class SplitModel:
+    """Runs `features` over chunks of the real rows on `workers` single-threaded sessions (one
+    per worker thread), writing straight into one feature array (IO binding), then `head` on it.
+
+    Thread-safe: concurrent calls share the workers, whose queue interleaves their chunks."""
+
+    def __init__(
+        self, features: Path, head: Path, workers: int, head_threads: int, chunk: int = DEFAULT_CHUNK
+    ) -> None:
+        if workers < 1 or chunk < 1:
+            raise ValueError(f"workers and chunk must be >= 1, got {workers} and {chunk}")
+        self.chunk = chunk
+        self.workers = workers
+        self.head = _session(head, head_threads)
+        self._features_path = features
+        self._local = threading.local()
+        probe = _session(features, 1)
+        (rows,) = probe.get_inputs()
+        (out,) = probe.get_outputs()
+        self.row_width, self.width = int(rows.shape[-1]), int(out.shape[-1])
+        self.outputs = [o.name for o in self.head.get_outputs()]
+        self.props = [sess.get_modelmeta().custom_metadata_map for sess in (probe, self.head)]
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="musiq-features")
+
+    def _features_session(self) -> ort.InferenceSession:
+        session: ort.InferenceSession | None = getattr(self._local, "session", None)
+        if session is None:
+            session = self._local.session = _session(self._features_path, 1)
+        return session
+
+    def _encode(self, rows: np.ndarray, out: np.ndarray) -> None:
+        """One chunk, in a worker thread: `rows` and `out` are contiguous row ranges."""
+        session = self._features_session()
+        binding = session.io_binding()
+        binding.bind_input("rows", "cpu", 0, np.float32, list(rows.shape), rows.ctypes.data)
+        binding.bind_output("features", "cpu", 0, np.float32, list(out.shape), out.ctypes.data)
+        session.run_with_iobinding(binding)
+
+    def features(self, rows: np.ndarray) -> np.ndarray:
+        """Feature maps [n, F] of patch rows [n, P*P*3] (float32, C-contiguous)."""
+        rows = np.ascontiguousarray(rows, np.float32)
+        out = np.empty((len(rows), self.width), np.float32)
+        starts = range(0, len(rows), self.chunk)
+        jobs = [
+            self._pool.submit(self._encode, rows[i : i + self.chunk], out[i : i + self.chunk]) for i in starts
+        ]
+        for job in jobs:
+            job.result()
+        return out
+
+    def run(
+        self, patches: np.ndarray, spatial: np.ndarray, scale: np.ndarray, mask: np.ndarray
+    ) -> list[np.ndarray]:
+        """The whole graph's outputs for one collated batch. Only real rows are encoded: padded
+        rows get zero feature maps, which the head's key mask ignores as the whole graph does."""
+        b, length = mask.shape
+        flat = patches.reshape(b * length, self.row_width)
+        real = mask.reshape(-1)
+        if real.all():
+            feats = self.features(flat).reshape(b, length, self.width)
+        else:
+            feats = np.zeros((b * length, self.width), np.float32)
+            feats[real] = self.features(flat[real])
+            feats = feats.reshape(b, length, self.width)
+        feeds = {"patches": feats, "spatial": spatial, "scale": scale, "mask": mask}
+        return list(self.head.run(None, feeds))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def split_problem(model_props: dict[str, str], halves: Sequence[dict[str, str]]) -> str | None:
+    """Why the halves must not stand in for the model (None: they may): both must come from the
+    checkpoint the model was exported from, at its precision."""
+    for props in halves:
+        for key in ("musiq.source_sha256", "musiq.precision"):
+            if props.get(key) != model_props.get(key):
+                return f"{key} differs: {props.get(key)!r} against the model's {model_props.get(key)!r}"
+    return None
