@@ -16,6 +16,10 @@ fp32 model (the harness's cached export):
 8. the patch encoder as a Scan over chunks of rows (issue 19, `export.optimize.chunk_patch_encoder`):
    every variant tried, interleaved with 2048^3 sgemm products (MLAS and torch) in the same loop,
    on the official-size model (fp32 and int8, 512x384) and the embedded default model (1024x768);
+9. the graph split in two for CPUs (issue 19, `musiq export --split`, `service.split`): the
+   features half over chunks of rows on one single-threaded session per thread, then the head,
+   against the whole graph at 2 threads, through `ModelRuntime.predict` as the server calls it;
+   chunk sizes, the GroupNorm scales folded or not, and the same sgemm products in the loop;
 and the sgemm GFLOP/s of the same run (the best of numpy, torch and ONNX Runtime's MLAS), to put
 the achieved FLOP rates in proportion.
 """
@@ -56,15 +60,18 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", default="runs/bench-cache")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8", help="comma-separated experiment numbers")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated experiment numbers")
     parser.add_argument(
         "--chunks", default="", help="experiment 8: only these chunk sizes, comma-separated (0: before)"
     )
     args = parser.parse_args()
     only = {int(n) for n in args.only.split(",")}
     chunks = {int(c) for c in args.chunks.split(",") if c}
-    if only == {8}:  # needs neither the harness's exports nor the service
-        chunked_encoder(Path(args.cache), args.runs, chunks)
+    if only <= {8, 9}:  # need neither the harness's exports nor its images
+        if 8 in only:
+            chunked_encoder(Path(args.cache), args.runs, chunks)
+        if 9 in only:
+            split_halves(Path(args.cache), args.runs)
         return
     path = official_models(Path(args.cache))["fp32"]
     peak, engine = sgemm_gflops()
@@ -162,6 +169,8 @@ def main() -> None:
 
     if 8 in only:
         chunked_encoder(Path(args.cache), args.runs, chunks)
+    if 9 in only:
+        split_halves(Path(args.cache), args.runs)
 
 
 def interleaved_all(fns: dict[str, Callable[[], object]], runs: int, settle: float = 0.2) -> dict[str, float]:
@@ -261,6 +270,119 @@ def chunked_encoder(cache: Path, runs: int, chunks: set[int] | None = None) -> N
                     f"  {name:48s} {med[name] * 1e3:7.1f} ms  x{before / med[name]:.2f}  "
                     f"{roofline_fraction(flops, 1 / med[name], peak):4.0%} of sgemm  score {scores[name]:.5f}"
                 )
+
+
+def split_halves(cache: Path, runs: int) -> None:
+    """Experiment 9: `ModelRuntime.predict` on the whole graph against the split halves, one image
+    at a time, 2 threads (2 feature workers for the split), interleaved with the sgemm products.
+
+    Pin the process to two cores (`taskset -c 0,1`) on a larger machine."""
+    import numpy as np
+    import torch
+
+    from bench.stats import _ort_matmul
+    from model.checkpoint import load_checkpoint
+
+    torch.set_num_threads(2)
+    n = 2048
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    mlas = _ort_matmul(n)
+    sgemm = {
+        "sgemm MLAS 2048^3": lambda: mlas.run(None, {"a": a, "b": b}),
+        "sgemm torch 2048^3": lambda: torch.mm(ta, tb),
+    }
+    root = Path(__file__).resolve().parents[1]
+    default_ckpt = root / "model" / "weights" / "default.safetensors"
+    default_cfg = load_checkpoint(default_ckpt).config
+    images = {im.name: im for im in load_mix("512x384", OFFICIAL) + load_mix("mixed", OFFICIAL)}
+    cases = [
+        ("default (embedded)", ("1024x768", "300x4000"), default_cfg, default_ckpt),
+        ("official-size", ("512x384",), OFFICIAL, None),
+    ]
+    for label, names, cfg, ckpt in cases:
+        files = _split_files(cache, ckpt)
+        variants: dict[str, ModelRuntime] = {
+            "whole graph (before)": ModelRuntime(
+                files["whole"], RuntimeOptions(intra_op_threads=2, split_encoder=False)
+            )
+        }
+        for chunk in (16, 32, 64):
+            variants[f"split, chunk {chunk}"] = ModelRuntime(
+                files["whole"], RuntimeOptions(intra_op_threads=2, encoder_chunk=chunk)
+            )
+        variants["split, chunk 32, scales not folded"] = ModelRuntime(
+            files["unfolded"], RuntimeOptions(intra_op_threads=2, encoder_chunk=32)
+        )
+        assert all(rt.split is not None for name, rt in variants.items() if name.startswith("split"))
+        for name in names:
+            packed = compact(pack(decode_image(images[name].data), cfg.packing()))
+            scores = {k: rt.predict([packed])[0].score for k, rt in variants.items()}
+            fns: dict[str, Callable[[], object]] = {
+                k: (lambda rt=rt, p=packed: rt.predict([p])) for k, rt in variants.items()
+            }
+            med = interleaved_all({**fns, **sgemm}, runs)
+            peak_name = max(sgemm, key=lambda k: 2 * n**3 / med[k])
+            peak = 2 * n**3 / med[peak_name] / 1e9
+            flops = forward_flops(cfg, packed.num_tokens)
+            before = med["whole graph (before)"]
+            print(
+                f"\n9. {label} fp32, {name} ({packed.num_tokens} tokens, batch 1, 2 threads), median of "
+                f"{runs} interleaved rounds; sgemm "
+                + ", ".join(f"{k.split()[1]} {2 * n**3 / med[k] / 1e9:.0f}" for k in sgemm)
+                + f" GFLOP/s (roofline: {peak_name.split()[1]})"
+            )
+            for k in variants:
+                print(
+                    f"  {k:40s} {med[k] * 1e3:7.1f} ms  x{before / med[k]:.2f}  "
+                    f"{roofline_fraction(flops, 1 / med[k], peak):4.0%} of sgemm  "
+                    f"|score - before| {abs(scores[k] - scores['whole graph (before)']):.1e}"
+                )
+
+
+def _split_files(cache: Path, ckpt: Path | None) -> dict[str, Path]:
+    """Experiment 9's files, cached: `musiq export --split` of the model (the whole graph, its
+    halves beside it, scales folded), and a copy whose halves keep the GroupNorm affine
+    (`fold=False`). The official-size model has random weights (seed 0, as experiment 8)."""
+    import shutil
+    import tempfile
+
+    import onnx
+    import torch
+
+    from export.exporter import export_checkpoint
+    from export.graph import export_split
+    from export.metadata import split_paths
+    from export.photos import distorted_photos
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.network import Musiq, build_model, to_checkpoint
+
+    slug = "official" if ckpt is None else "default"
+    files = {"whole": cache / f"split-{slug}.onnx", "unfolded": cache / f"split-{slug}-unfolded.onnx"}
+    if all(p.is_file() for path in files.values() for p in (path, *split_paths(path))):
+        return files
+    cache.mkdir(parents=True, exist_ok=True)
+    if ckpt is None:
+        torch.manual_seed(0)
+        model = Musiq(OFFICIAL).eval()
+        with torch.no_grad():
+            model.head.weight.normal_(0, 0.05)
+        ckpt = save_checkpoint(
+            to_checkpoint(model, name="official-random", version="0"), cache / "split-official.safetensors"
+        )
+    model = build_model(load_checkpoint(ckpt))
+    shapes = ((1, 1, "none"), (2, 300, "heavy"))
+    export_checkpoint(ckpt, files["whole"], split=True, shapes=shapes, photos=distorted_photos(limit=4))
+    shutil.copy(files["whole"], files["unfolded"])
+    props = onnx.load(str(files["whole"])).metadata_props
+    with tempfile.TemporaryDirectory() as tmp:
+        halves = export_split(model, Path(tmp) / "f.onnx", Path(tmp) / "h.onnx", fold=False)
+        for src, dst in zip(halves, split_paths(files["unfolded"]), strict=True):
+            graph = onnx.load(str(src))
+            graph.metadata_props.extend(props)
+            onnx.save(graph, dst)
+    return files
 
 
 def _two_thread_session(path: Path) -> object:

@@ -5,7 +5,8 @@ Usage:
     python bench/service_ab.py --precision int8 --mix 512x384 --clients 1 --seconds 15 \\
         A:MUSIQ_HEAP_KEEP_MB=0 B:MUSIQ_HEAP_KEEP_MB=256
 
-Each round starts one server per variant in turn (the harness's model files and server settings,
+`--model FILE.onnx` serves that file instead (e.g. model/weights/default.onnx, the embedded
+model). Each round starts one server per variant in turn (the harness's model files and server settings,
 `bench/run.py`), warms it for 3 s, then runs a closed loop of `--clients` REST clients for
 `--seconds`. Printed per variant and round: images/s, client p50 latency, the server's own median
 decode / pack / inference times, the CPU cores the server process kept busy and its peak RSS.
@@ -61,6 +62,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--cache", default="runs/bench-cache")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="an ONNX file to serve instead of the harness's official-size one (--precision)",
+    )
     args = parser.parse_args()
     variants = {}
     for spec in args.variants:
@@ -69,8 +75,8 @@ def main() -> None:
         if not all(k.startswith("MUSIQ_") for k in env):
             raise SystemExit(f"settings must be MUSIQ_NAME=VALUE: {spec}")
         variants[name] = env
-    model = official_models(Path(args.cache))[args.precision]
-    images = load_mix(args.mix, OFFICIAL)
+    model = Path(args.model) if args.model else official_models(Path(args.cache))[args.precision]
+    images = load_mix(args.mix, OFFICIAL)  # the config only sizes token counts for the report
     for rnd in range(args.rounds):
         for name, env in variants.items():
             with load.serve(model, {**BENCH_SERVER_ENV, "MUSIQ_GRPC_ENABLED": "false", **env}) as server:

@@ -374,7 +374,8 @@ class FeatureGraph(nn.Module):
     out_shift: nn.Parameter
     out_scale: nn.Parameter
 
-    def __init__(self, model: Musiq) -> None:
+    def __init__(self, model: Musiq, fold: bool = True) -> None:
+        """`fold=False` keeps every GroupNorm's affine as it is (for A/B timings)."""
         super().__init__()
         encoder = ScoringGraph(model).model.patch_encoder
         if not isinstance(encoder, ExportPatchEncoder):
@@ -383,7 +384,7 @@ class FeatureGraph(nn.Module):
         self.patch_size: int = encoder.patch_size
         block = encoder.block
         self.folded: dict[str, bool] = {"root": False, "gn1": False, "gn2": False, "out": False}
-        if block is None:  # the root's maps go to the embedding: nothing after it to fold into
+        if block is None or not fold:  # conv encoder: the root's maps go straight to the embedding
             return
         with torch.no_grad():
             self._fold("root", encoder.root.norm, (block.conv_proj, block.conv1))
@@ -449,7 +450,9 @@ class HeadGraph(ScoringGraph):
         self.model.patch_encoder = cast(ExportPatchEncoder, self.model.patch_encoder).embedding  # type: ignore[assignment]
 
 
-def export_split(model: Musiq, features: str | Path, head: str | Path, opset: int = 17) -> tuple[Path, Path]:
+def export_split(
+    model: Musiq, features: str | Path, head: str | Path, opset: int = 17, fold: bool = True
+) -> tuple[Path, Path]:
     """Traces `FeatureGraph` (rows axis dynamic) and `HeadGraph` (batch and tokens dynamic) to
     `features` and `head`; the head is fused like the whole graph (`export.optimize.fuse`)."""
     import tempfile
@@ -457,7 +460,7 @@ def export_split(model: Musiq, features: str | Path, head: str | Path, opset: in
     from export.optimize import fuse
 
     features, head = Path(features), Path(head)
-    feature_graph = FeatureGraph(model)
+    feature_graph = FeatureGraph(model, fold)
     head_graph = HeadGraph(model)
     inputs = list(example_inputs(feature_graph.patch_size))
     inputs[0] = torch.rand(*inputs[0].shape[:2], feature_graph.width)
