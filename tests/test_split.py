@@ -167,3 +167,16 @@ def test_the_embedded_model_ships_its_halves_and_they_agree() -> None:
     assert split.split is not None
     packed = compact(pack(images(3)[2], whole.packing))
     assert abs(whole.predict([packed])[0].score - split.predict([packed])[0].score) < 1e-4
+
+
+def test_padded_rows_never_carry_stale_values(exported: dict[str, Path]) -> None:
+    """The feature array is reused between calls: padded rows must be zeroed, not left as the
+    last call's (here NaN) values, which the key mask would not keep out of the softmax."""
+    whole = ModelRuntime(exported["model"], RuntimeOptions(split_encoder=False))
+    split = ModelRuntime(exported["model"], RuntimeOptions(intra_op_threads=2, encoder_chunk=8))
+    assert split.split is not None
+    packed = [compact(pack(img, whole.packing)) for img in images(3)]
+    length = max(p.num_tokens for p in packed)
+    split.split._buffer(len(packed) * length).fill(np.nan)
+    got = [p.score for p in split.predict(packed)]
+    np.testing.assert_allclose(got, [p.score for p in whole.predict(packed)], rtol=0, atol=1e-5)
