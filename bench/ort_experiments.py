@@ -19,7 +19,8 @@ fp32 model (the harness's cached export):
 9. the graph split in two for CPUs (issue 19, `musiq export --split`, `service.split`): the
    features half over chunks of rows on one single-threaded session per thread, then the head,
    against the whole graph at 2 threads, through `ModelRuntime.predict` as the server calls it;
-   chunk sizes, the GroupNorm scales folded or not, and the same sgemm products in the loop;
+   chunk sizes, the GroupNorm scales folded or not, the embedding inside the workers per 64-row
+   block (not kept), and the same sgemm products in the loop;
 and the sgemm GFLOP/s of the same run (the best of numpy, torch and ONNX Runtime's MLAS), to put
 the achieved FLOP rates in proportion.
 """
@@ -281,6 +282,7 @@ def split_halves(cache: Path, runs: int) -> None:
     import torch
 
     from bench.stats import _ort_matmul
+    from export.metadata import split_paths
     from model.checkpoint import load_checkpoint
 
     torch.set_num_threads(2)
@@ -316,6 +318,8 @@ def split_halves(cache: Path, runs: int) -> None:
             files["unfolded"], RuntimeOptions(intra_op_threads=2, encoder_chunk=32)
         )
         assert all(rt.split is not None for name, rt in variants.items() if name.startswith("split"))
+        blocked = _EmbedInWorkers(split_paths(files["whole"])[0], files["embed"], files["transformer"], 64)
+        variants["split, embedding per 64-row block in the workers"] = blocked  # type: ignore[assignment]
         for name in names:
             packed = compact(pack(decode_image(images[name].data), cfg.packing()))
             scores = {k: rt.predict([packed])[0].score for k, rt in variants.items()}
@@ -335,10 +339,82 @@ def split_halves(cache: Path, runs: int) -> None:
             )
             for k in variants:
                 print(
-                    f"  {k:40s} {med[k] * 1e3:7.1f} ms  x{before / med[k]:.2f}  "
+                    f"  {k:50s} {med[k] * 1e3:7.1f} ms  x{before / med[k]:.2f}  "
                     f"{roofline_fraction(flops, 1 / med[k], peak):4.0%} of sgemm  "
                     f"|score - before| {abs(scores[k] - scores['whole graph (before)']):.1e}"
                 )
+
+
+class _EmbedInWorkers:
+    """Experiment 9's variant that was not kept: each worker encodes a block of rows 32 at a time
+    into its own buffer, then multiplies the block by the embedding itself (one single-threaded
+    session), so the head reads [tokens, D] instead of the [tokens, 16,384] feature maps; the
+    head (`embed` and `transformer` files) is the rest of the graph. `predict` as ModelRuntime's."""
+
+    def __init__(self, features: Path, embed: Path, transformer: Path, block: int) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        import onnxruntime as ort
+
+        from service.split import _session
+
+        self.block, self._session = block, _session
+        self.paths = features, embed
+        self.head = _session(transformer, 2)
+        self.local = threading.local()
+        self.pool = ThreadPoolExecutor(2)
+        self.width = int(ort.InferenceSession(str(features)).get_outputs()[0].shape[-1])
+        self.dim = int(self.head.get_inputs()[0].shape[-1])
+
+    def _block(self, rows: object, start: int, stop: int, out: object) -> None:
+        import numpy as np
+
+        loc = self.local
+        if not hasattr(loc, "features"):
+            loc.features, loc.embed = (self._session(p, 1) for p in self.paths)
+            loc.buffer = np.empty((self.block, self.width), np.float32)
+        for a in range(start, stop, 32):
+            b = min(a + 32, stop)
+            binding = loc.features.io_binding()
+            binding.bind_input("rows", "cpu", 0, np.float32, [b - a, rows.shape[1]], rows[a:b].ctypes.data)  # type: ignore[attr-defined,index]
+            binding.bind_output(
+                "features",
+                "cpu",
+                0,
+                np.float32,
+                [b - a, self.width],
+                loc.buffer[a - start : b - start].ctypes.data,
+            )
+            loc.features.run_with_iobinding(binding)
+        out[start:stop] = loc.embed.run(None, {"x": loc.buffer[: stop - start]})[0]  # type: ignore[index]
+
+    def predict(self, items: list[PackedImage]) -> list[object]:
+        import types
+
+        import numpy as np
+
+        from model.packing import collate
+
+        batch = collate(items)
+        rows = batch.patches.reshape(-1, batch.patches.shape[-1])
+        tokens = np.empty((len(rows), self.dim), np.float32)
+        jobs = [
+            self.pool.submit(self._block, rows, i, min(i + self.block, len(rows)), tokens)
+            for i in range(0, len(rows), self.block)
+        ]
+        for job in jobs:
+            job.result()
+        feeds = {
+            "patches": tokens.reshape(*batch.mask.shape, -1),
+            "spatial": batch.spatial,
+            "scale": batch.scale,
+            "mask": batch.mask,
+        }
+        score = self.head.run(None, feeds)[0]
+        return [
+            types.SimpleNamespace(score=float(v)) for v in np.asarray(score).reshape(len(items), -1)[:, 0]
+        ]
 
 
 def _split_files(cache: Path, ckpt: Path | None) -> dict[str, Path]:
@@ -360,9 +436,17 @@ def _split_files(cache: Path, ckpt: Path | None) -> dict[str, Path]:
 
     slug = "official" if ckpt is None else "default"
     files = {"whole": cache / f"split-{slug}.onnx", "unfolded": cache / f"split-{slug}-unfolded.onnx"}
-    if all(p.is_file() for path in files.values() for p in (path, *split_paths(path))):
-        return files
+    extra = {
+        "embed": cache / f"split-{slug}-embed.onnx",
+        "transformer": cache / f"split-{slug}-transformer.onnx",
+    }
+    if all(p.is_file() for path in files.values() for p in (path, *split_paths(path))) and all(
+        p.is_file() for p in extra.values()
+    ):
+        return {**files, **extra}
     cache.mkdir(parents=True, exist_ok=True)
+    if ckpt is None and (cache / "split-official.safetensors").is_file():
+        ckpt = cache / "split-official.safetensors"
     if ckpt is None:
         torch.manual_seed(0)
         model = Musiq(OFFICIAL).eval()
@@ -373,7 +457,9 @@ def _split_files(cache: Path, ckpt: Path | None) -> dict[str, Path]:
         )
     model = build_model(load_checkpoint(ckpt))
     shapes = ((1, 1, "none"), (2, 300, "heavy"))
-    export_checkpoint(ckpt, files["whole"], split=True, shapes=shapes, photos=distorted_photos(limit=4))
+    if not files["whole"].is_file():
+        export_checkpoint(ckpt, files["whole"], split=True, shapes=shapes, photos=distorted_photos(limit=4))
+    _export_embed_and_transformer(model, extra["embed"], extra["transformer"])
     shutil.copy(files["whole"], files["unfolded"])
     props = onnx.load(str(files["whole"])).metadata_props
     with tempfile.TemporaryDirectory() as tmp:
@@ -382,7 +468,51 @@ def _split_files(cache: Path, ckpt: Path | None) -> dict[str, Path]:
             graph = onnx.load(str(src))
             graph.metadata_props.extend(props)
             onnx.save(graph, dst)
-    return files
+    return {**files, **extra}
+
+
+def _export_embed_and_transformer(model: object, embed: Path, transformer: Path) -> None:
+    """The not-kept variant's graphs: the embedding alone ([n, F] -> [n, D]) and the scoring graph
+    whose `patches` are embedded tokens (its patch encoder an identity), fused."""
+    import tempfile
+    import warnings
+
+    import onnx
+    import torch
+
+    from export.graph import INPUT_NAMES, ScoringGraph, example_inputs
+    from export.optimize import fuse
+
+    graph = ScoringGraph(model)  # type: ignore[arg-type]
+    cfg = graph.model.config
+    linear = graph.model.patch_encoder.embedding  # type: ignore[union-attr]
+    graph.model.patch_encoder = torch.nn.Identity()  # type: ignore[assignment]
+    inputs = list(example_inputs(cfg.patch_size))
+    inputs[0] = torch.rand(*inputs[0].shape[:2], cfg.hidden_size)
+    with warnings.catch_warnings(), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            linear,
+            (torch.rand(4, linear.in_features),),
+            str(embed),
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+            opset_version=17,
+        )
+        torch.onnx.export(
+            graph,
+            tuple(inputs),
+            f"{tmp}/t.onnx",
+            dynamo=False,
+            input_names=list(INPUT_NAMES),
+            output_names=list(graph.output_names()),
+            opset_version=17,
+            do_constant_folding=True,
+            dynamic_axes={**{k: {0: "batch", 1: "tokens"} for k in INPUT_NAMES}, "score": {0: "batch"}},
+        )
+        onnx.save(fuse(onnx.load(f"{tmp}/t.onnx"), cfg.num_heads, cfg.hidden_size), transformer)
 
 
 def _two_thread_session(path: Path) -> object:

@@ -411,8 +411,13 @@ class ModelRuntime:
         if self.pad_multiple < 1:
             raise ValueError(f"pad_multiple must be >= 1, got {self.pad_multiple}")
         bind = self.defaults.io_binding if options.io_binding is None else options.io_binding
-        self.split: SplitModel | None = None
-        if options.split_encoder and self.providers[0] == "CPUExecutionProvider" and not self.float16:
+        self.split: SplitModel | None = None  # IO binding feeds the whole graph: one or the other
+        if (
+            options.split_encoder
+            and not bind
+            and self.providers[0] == "CPUExecutionProvider"
+            and not self.float16
+        ):
             self.split = self._load_split(props)
         self.pool: BufferPool | None = None
         if bind:
@@ -478,7 +483,10 @@ class ModelRuntime:
 
     @property
     def host_memory(self) -> str:
-        """How batches reach the model: 'session.run', or IO binding from pinned/pageable buffers."""
+        """How batches reach the model: 'session.run', the split halves, or IO binding from
+        pinned/pageable buffers."""
+        if self.split is not None:
+            return f"split halves (features: {self.split.workers} single-threaded sessions, {self.split.chunk} rows a call)"
         if self.pool is None:
             return "session.run"
         return "io_binding (pinned)" if self.pool.pinner.pinned else "io_binding (pageable)"
