@@ -209,33 +209,60 @@ CHUNK_VARIANTS = {
 }
 
 
+def _sgemm_products(n: int = 2048) -> tuple[int, dict[str, Callable[[], object]]]:
+    """Two n^3 float32 products (ONNX Runtime's MLAS and torch, 2 threads each) to time inside an
+    interleaved loop: the roofline's denominator under the same load as the model."""
+    import numpy as np
+    import torch
+
+    from bench.stats import _ort_matmul
+
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    mlas = _ort_matmul(n)
+    return n, {
+        f"sgemm MLAS {n}^3": lambda: mlas.run(None, {"a": a, "b": b}),
+        f"sgemm torch {n}^3": lambda: torch.mm(ta, tb),
+    }
+
+
+def _print_header(
+    title: str, tokens: int, runs: int, med: dict[str, float], sgemm: dict[str, object], n: int
+) -> float:
+    """Prints a case's first line with the sgemm rates of the same loop; returns the fastest
+    (GFLOP/s), the roofline's denominator."""
+    rates = {k: 2 * n**3 / med[k] / 1e9 for k in sgemm}
+    fastest = max(rates, key=lambda k: rates[k])
+    print(
+        f"\n{title} ({tokens} tokens, batch 1, 2 threads), median of {runs} interleaved rounds; sgemm "
+        + ", ".join(f"{k.split()[1]} {v:.0f}" for k, v in rates.items())
+        + f" GFLOP/s (roofline: {fastest.split()[1]})"
+    )
+    return rates[fastest]
+
+
+def _default_and_images() -> tuple[Path, object, dict[str, object]]:
+    """The embedded model's checkpoint and config, and the benchmark images by name."""
+    from model.checkpoint import load_checkpoint
+
+    default_ckpt = Path(__file__).resolve().parents[1] / "model" / "weights" / "default.safetensors"
+    images = {im.name: im for im in load_mix("512x384", OFFICIAL) + load_mix("mixed", OFFICIAL)}
+    return default_ckpt, load_checkpoint(default_ckpt).config, images
+
+
 def chunked_encoder(cache: Path, runs: int, chunks: set[int] | None = None) -> None:
     """Experiment 8: each chunking variant against the whole-batch graph and the sgemm, interleaved.
 
     Sessions use 2 intra-op threads without spinning (as the service runs); pin the process to
     two cores (`taskset -c 0,1`) on a larger machine. The sgemm products run inside the same
     interleaved loop, so the roofline's denominator sees the same load as the model."""
-    import numpy as np
-    import torch
 
-    from bench.stats import _ort_matmul
-    from model.checkpoint import load_checkpoint
     from model.packing import collate
 
-    torch.set_num_threads(2)
-    n = 2048
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    mlas = _ort_matmul(n)
-    sgemm = {
-        "sgemm MLAS 2048^3": lambda: mlas.run(None, {"a": a, "b": b}),
-        "sgemm torch 2048^3": lambda: torch.mm(ta, tb),
-    }
-    root = Path(__file__).resolve().parents[1]
-    default_ckpt = root / "model" / "weights" / "default.safetensors"
-    default_cfg = load_checkpoint(default_ckpt).config
-    images = {im.name: im for im in load_mix("512x384", OFFICIAL) + load_mix("mixed", OFFICIAL)}
+    n, sgemm = _sgemm_products()
+    default_ckpt, default_cfg, images = _default_and_images()
     cases = [
         ("official-size", "512x384", OFFICIAL, None, ("fp32", "int8")),
         ("default (embedded)", "1024x768", default_cfg, default_ckpt, ("fp32",)),
@@ -250,22 +277,15 @@ def chunked_encoder(cache: Path, runs: int, chunks: set[int] | None = None) -> N
             if chunks:  # the before graph, and the plain variants of the chunk sizes asked for
                 files = {k: f for k, f in files.items() if CHUNK_VARIANTS[k][0] in chunks and "," not in k}
             if ckpt is not None and precision == "fp32":
-                files["model/weights/default.onnx (shipped)"] = root / "model" / "weights" / "default.onnx"
+                files["model/weights/default.onnx (shipped)"] = ckpt.with_suffix(".onnx")
             sessions = {name: _two_thread_session(path) for name, path in files.items()}
             scores = {name: float(s.run(None, feeds)[0][0]) for name, s in sessions.items()}
             fns: dict[str, Callable[[], object]] = {
                 name: (lambda s=s, f=feeds: s.run(None, f)) for name, s in sessions.items()
             }
             med = interleaved_all({**fns, **sgemm}, runs)
-            peak_name = max(sgemm, key=lambda k: 2 * n**3 / med[k])
-            peak = 2 * n**3 / med[peak_name] / 1e9
+            peak = _print_header(f"8. {label} {precision}, {image}", packed.num_tokens, runs, med, sgemm, n)
             before = med["whole batch (before)"]
-            print(
-                f"\n8. {label} {precision}, {image} ({packed.num_tokens} tokens, batch 1, 2 threads), "
-                f"median of {runs} interleaved rounds; sgemm "
-                + ", ".join(f"{k.split()[1]} {2 * n**3 / med[k] / 1e9:.0f}" for k in sgemm)
-                + f" GFLOP/s (roofline: {peak_name.split()[1]})"
-            )
             for name in files:
                 print(
                     f"  {name:48s} {med[name] * 1e3:7.1f} ms  x{before / med[name]:.2f}  "
@@ -278,27 +298,11 @@ def split_halves(cache: Path, runs: int) -> None:
     at a time, 2 threads (2 feature workers for the split), interleaved with the sgemm products.
 
     Pin the process to two cores (`taskset -c 0,1`) on a larger machine."""
-    import numpy as np
-    import torch
 
-    from bench.stats import _ort_matmul
     from export.metadata import split_paths
-    from model.checkpoint import load_checkpoint
 
-    torch.set_num_threads(2)
-    n = 2048
-    rng = np.random.default_rng(0)
-    a, b = (rng.standard_normal((n, n), dtype=np.float32) for _ in range(2))
-    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    mlas = _ort_matmul(n)
-    sgemm = {
-        "sgemm MLAS 2048^3": lambda: mlas.run(None, {"a": a, "b": b}),
-        "sgemm torch 2048^3": lambda: torch.mm(ta, tb),
-    }
-    root = Path(__file__).resolve().parents[1]
-    default_ckpt = root / "model" / "weights" / "default.safetensors"
-    default_cfg = load_checkpoint(default_ckpt).config
-    images = {im.name: im for im in load_mix("512x384", OFFICIAL) + load_mix("mixed", OFFICIAL)}
+    n, sgemm = _sgemm_products()
+    default_ckpt, default_cfg, images = _default_and_images()
     cases = [
         ("default (embedded)", ("1024x768", "300x4000"), default_cfg, default_ckpt),
         ("official-size", ("512x384",), OFFICIAL, None),
@@ -327,16 +331,9 @@ def split_halves(cache: Path, runs: int) -> None:
                 k: (lambda rt=rt, p=packed: rt.predict([p])) for k, rt in variants.items()
             }
             med = interleaved_all({**fns, **sgemm}, runs)
-            peak_name = max(sgemm, key=lambda k: 2 * n**3 / med[k])
-            peak = 2 * n**3 / med[peak_name] / 1e9
+            peak = _print_header(f"9. {label} fp32, {name}", packed.num_tokens, runs, med, sgemm, n)
             flops = forward_flops(cfg, packed.num_tokens)
             before = med["whole graph (before)"]
-            print(
-                f"\n9. {label} fp32, {name} ({packed.num_tokens} tokens, batch 1, 2 threads), median of "
-                f"{runs} interleaved rounds; sgemm "
-                + ", ".join(f"{k.split()[1]} {2 * n**3 / med[k] / 1e9:.0f}" for k in sgemm)
-                + f" GFLOP/s (roofline: {peak_name.split()[1]})"
-            )
             for k in variants:
                 print(
                     f"  {k:50s} {med[k] * 1e3:7.1f} ms  x{before / med[k]:.2f}  "
@@ -475,12 +472,11 @@ def _export_embed_and_transformer(model: object, embed: Path, transformer: Path)
     """The not-kept variant's graphs: the embedding alone ([n, F] -> [n, D]) and the scoring graph
     whose `patches` are embedded tokens (its patch encoder an identity), fused."""
     import tempfile
-    import warnings
 
     import onnx
     import torch
 
-    from export.graph import INPUT_NAMES, ScoringGraph, example_inputs
+    from export.graph import ScoringGraph, example_inputs, export_graph, export_rows_graph
     from export.optimize import fuse
 
     graph = ScoringGraph(model)  # type: ignore[arg-type]
@@ -489,30 +485,10 @@ def _export_embed_and_transformer(model: object, embed: Path, transformer: Path)
     graph.model.patch_encoder = torch.nn.Identity()  # type: ignore[assignment]
     inputs = list(example_inputs(cfg.patch_size))
     inputs[0] = torch.rand(*inputs[0].shape[:2], cfg.hidden_size)
-    with warnings.catch_warnings(), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            linear,
-            (torch.rand(4, linear.in_features),),
-            str(embed),
-            dynamo=False,
-            input_names=["x"],
-            output_names=["y"],
-            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
-            opset_version=17,
-        )
-        torch.onnx.export(
-            graph,
-            tuple(inputs),
-            f"{tmp}/t.onnx",
-            dynamo=False,
-            input_names=list(INPUT_NAMES),
-            output_names=list(graph.output_names()),
-            opset_version=17,
-            do_constant_folding=True,
-            dynamic_axes={**{k: {0: "batch", 1: "tokens"} for k in INPUT_NAMES}, "score": {0: "batch"}},
-        )
-        onnx.save(fuse(onnx.load(f"{tmp}/t.onnx"), cfg.num_heads, cfg.hidden_size), transformer)
+    export_rows_graph(linear, torch.rand(4, linear.in_features), embed, ("x", "y"))
+    with tempfile.TemporaryDirectory() as tmp:
+        traced = export_graph(graph, Path(tmp) / "t.onnx", inputs=tuple(inputs))
+        onnx.save(fuse(onnx.load(traced), cfg.num_heads, cfg.hidden_size), transformer)
 
 
 def _two_thread_session(path: Path) -> object:

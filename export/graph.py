@@ -450,6 +450,27 @@ class HeadGraph(ScoringGraph):
         self.model.patch_encoder = cast(ExportPatchEncoder, self.model.patch_encoder).embedding  # type: ignore[assignment]
 
 
+def export_rows_graph(
+    module: nn.Module, example: torch.Tensor, path: str | Path, names: tuple[str, str], opset: int = 17
+) -> Path:
+    """Traces a rows -> rows module ([n, ...] in and out, n symbolic) to `path`; `names`: the
+    input's and the output's."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            input_names=[names[0]],
+            output_names=[names[1]],
+            dynamic_axes={names[0]: {0: "rows"}, names[1]: {0: "rows"}},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    return Path(path)
+
+
 def export_split(
     model: Musiq, features: str | Path, head: str | Path, opset: int = 17, fold: bool = True
 ) -> tuple[Path, Path]:
@@ -464,34 +485,10 @@ def export_split(
     head_graph = HeadGraph(model)
     inputs = list(example_inputs(feature_graph.patch_size))
     inputs[0] = torch.rand(*inputs[0].shape[:2], feature_graph.width)
-    names = head_graph.output_names()
-    axes = {name: {0: "batch", 1: "tokens"} for name in INPUT_NAMES}
-    axes.update({name: {0: "batch"} for name in names})
-    with warnings.catch_warnings(), torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            feature_graph,
-            (torch.rand(4, feature_graph.patch_size**2 * 3) * 2 - 1,),
-            str(features),
-            dynamo=False,
-            input_names=["rows"],
-            output_names=["features"],
-            dynamic_axes={"rows": {0: "rows"}, "features": {0: "rows"}},
-            opset_version=opset,
-            do_constant_folding=True,
-        )
-        traced = Path(tmp) / "head.onnx"
-        torch.onnx.export(
-            head_graph,
-            tuple(inputs),
-            str(traced),
-            dynamo=False,
-            input_names=list(INPUT_NAMES),
-            output_names=list(names),
-            dynamic_axes=axes,
-            opset_version=opset,
-            do_constant_folding=True,
-        )
+    rows = torch.rand(4, feature_graph.patch_size**2 * 3) * 2 - 1
+    export_rows_graph(feature_graph, rows, features, ("rows", "features"), opset)
+    with tempfile.TemporaryDirectory() as tmp:
+        traced = export_graph(head_graph, Path(tmp) / "head.onnx", opset, tuple(inputs))
         cfg = model.config
         onnx.save(fuse(onnx.load(traced), cfg.num_heads, cfg.hidden_size), head)
     return features, head
@@ -509,8 +506,11 @@ def example_inputs(patch_size: int, batch: int = 2, tokens: int = 9) -> tuple[to
     )
 
 
-def export_graph(graph: ScoringGraph, path: str | Path, opset: int = 17) -> Path:
-    """Traces `graph` to ONNX with symbolic batch and token axes.
+def export_graph(
+    graph: ScoringGraph, path: str | Path, opset: int = 17, inputs: tuple[torch.Tensor, ...] | None = None
+) -> Path:
+    """Traces `graph` to ONNX with symbolic batch and token axes (`inputs`: the example inputs,
+    by default `example_inputs` of the graph's patch size).
 
     The TorchScript exporter is used because it carries the fused-attention symbolic; every
     reshape is traced from runtime shapes, so nothing bakes in the token count (the tests run
@@ -527,7 +527,7 @@ def export_graph(graph: ScoringGraph, path: str | Path, opset: int = 17) -> Path
         warnings.simplefilter("ignore")  # deprecation and tracer notes about the static patch size
         torch.onnx.export(
             graph,
-            example_inputs(graph.model.config.patch_size),
+            inputs or example_inputs(graph.model.config.patch_size),
             str(path),
             dynamo=False,
             input_names=list(INPUT_NAMES),
