@@ -386,7 +386,8 @@ def run(
 
     # The driver reads the model's metadata (and proves the file loads) on the CPU.
     probe = ModelRuntime(
-        options.model, RuntimeOptions(intra_op_threads=1, providers=("CPUExecutionProvider",))
+        options.model,
+        RuntimeOptions(intra_op_threads=1, providers=("CPUExecutionProvider",), split_encoder=False),
     )
     packing = packing_for(probe.packing, options.max_native_tokens)
     del probe
