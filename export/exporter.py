@@ -157,6 +157,8 @@ def export_checkpoint(
     checkpoint = load_checkpoint(checkpoint_path)
     cfg = checkpoint.config
     model = build_model(checkpoint)
+    if split and model.patch_encoder.root is None:
+        raise ValueError("a linear patch encoder has nothing to split: export without --split")
     if photos is None:
         from export.photos import distorted_photos
 
@@ -227,14 +229,20 @@ def export_checkpoint(
             "opset": str(opset),
         },
     )
+    # The halves are checked before anything is written: a refused split leaves no file behind.
+    halves = _split_halves(model, opset, shapes, images[:4], tolerance, log) if split else None
     _write(final, output, metadata.to_props())
     result = ExportResult(output, metadata, fused, checks)
     if rollout:
         result.rollout_path = _export_rollout(
             model, output, metadata, opset, shapes, log, rollout_weights, images[:8], tolerance
         )
-    if split:
-        result.split_paths = _export_split(model, output, metadata, opset, shapes, images[:4], tolerance, log)
+    if halves is not None:
+        paths = split_paths(output)
+        for half, path in zip(halves, paths, strict=True):
+            _write(half, path, metadata.to_props())
+            log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        result.split_paths = paths
     log(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {precision})")
     return result
 
@@ -259,22 +267,17 @@ class _SplitSession:
         return list(self.head.run(names, {**feeds, "patches": maps}))
 
 
-def _export_split(
+def _split_halves(
     model: Musiq,
-    output: Path,
-    metadata: ModelMetadata,
     opset: int,
     shapes: Sequence[tuple[int, int, str]],
     images: Sequence[np.ndarray],
     tolerance: float | None,
     log: Callable[[str], None],
-) -> tuple[Path, Path]:
-    """NAME.features.onnx and NAME.head.onnx (`export.graph.export_split`), which a CPU runtime
-    runs instead of the whole graph (`service.split`); written only if their composition passes
-    the same parity check against PyTorch as the whole graph, with the model's metadata."""
-    if model.patch_encoder.root is None:
-        raise ValueError("a linear patch encoder has nothing to split: export without --split")
-    paths = split_paths(output)
+) -> list[onnx.ModelProto]:
+    """The graphs of NAME.features.onnx and NAME.head.onnx (`export.graph.export_split`), which a
+    CPU runtime runs instead of the whole graph (`service.split`), once their composition passed
+    the same parity check against PyTorch as the whole graph (`ExportRefused` otherwise)."""
     with tempfile.TemporaryDirectory() as tmp:
         traced = export_split(model, Path(tmp) / "features.onnx", Path(tmp) / "head.onnx", opset)
         halves = [onnx.load(p) for p in traced]
@@ -283,10 +286,7 @@ def _export_split(
     checks = check_shapes(_SplitSession(*halves), model, shapes, real=images)  # type: ignore[arg-type]
     log(f"  split halves (features -> head) vs PyTorch over {len(checks)} shapes")
     fp32_verdict("split halves", checks, tolerance, log)
-    for half, path in zip(halves, paths, strict=True):
-        _write(half, path, metadata.to_props())
-        log(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    return paths[0], paths[1]
+    return halves
 
 
 def _export_rollout(

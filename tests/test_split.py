@@ -180,3 +180,36 @@ def test_padded_rows_never_carry_stale_values(exported: dict[str, Path]) -> None
     split.split._buffer(len(packed) * length).fill(np.nan)
     got = [p.score for p in split.predict(packed)]
     np.testing.assert_allclose(got, [p.score for p in whole.predict(packed)], rtol=0, atol=1e-5)
+
+
+def test_a_wrong_split_is_refused_and_nothing_is_written(
+    exported: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exporter checks the halves against PyTorch before writing any file: a features half
+    whose folding forgot the convolutions (scores off by far more than the bound) is refused."""
+    from export import graph
+    from export.exporter import ExportRefused
+
+    def forgetful_fold(self: FeatureGraph, name: str, norm: torch.nn.GroupNorm, after: object) -> bool:
+        shift = torch.nn.Parameter((norm.bias / norm.weight)[:, None, None].clone(), requires_grad=False)
+        self.register_parameter(name + "_shift", shift)  # the shift, without scaling `after`
+        self.folded[name] = True
+        return True
+
+    monkeypatch.setattr(graph.FeatureGraph, "_fold", forgetful_fold)
+    out = tmp_path / "wrong.onnx"
+    with pytest.raises(ExportRefused, match="split halves"):
+        export_checkpoint(
+            exported["checkpoint"], out, split=True, photos=[], shapes=SHAPES, log=lambda s: None
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_linear_encoder_has_nothing_to_split(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(
+        to_checkpoint(randomised(TINY.replace(patch_encoder="linear"), seed=1), name="lin", version="1"),
+        tmp_path / "lin.safetensors",
+    )
+    with pytest.raises(ValueError, match="linear patch encoder"):
+        export_checkpoint(ckpt, tmp_path / "lin.onnx", split=True, photos=[], shapes=SHAPES)
+    assert not (tmp_path / "lin.onnx").exists()
