@@ -143,9 +143,13 @@ def test_device_defaults_follow_the_provider_and_settings_override_them() -> Non
 
 
 def test_cpu_runtime_keeps_session_run_unless_binding_is_asked_for(runtime: ModelRuntime) -> None:
-    assert runtime.pad_multiple == 1 and runtime.pool is None and runtime.host_memory == "session.run"
+    # The embedded model has its split halves (tests/test_split.py): the CPU default runs them.
+    assert runtime.pad_multiple == 1 and runtime.pool is None
+    assert runtime.host_memory == "split halves (features: 2 single-threaded sessions, 32 rows a call)"
+    whole = ModelRuntime(WEIGHTS / "default.onnx", RuntimeOptions(intra_op_threads=2, split_encoder=False))
+    assert whole.pool is None and whole.host_memory == "session.run"
     bound = ModelRuntime(WEIGHTS / "default.onnx", RuntimeOptions(intra_op_threads=2, io_binding=True))
-    assert bound.host_memory == "io_binding (pageable)"
+    assert bound.host_memory == "io_binding (pageable)" and bound.split is None
 
 
 @pytest.fixture(scope="module")
