@@ -147,7 +147,7 @@ def export_checkpoint(
 ) -> ExportResult:
     """`tolerance`: the largest fp32 ONNX-vs-PyTorch difference accepted (absolute); by default
     `fp32_bound` sets it from the scores. It also bounds the rollout graph's and the halves' checks.
-    `split`: also the graph's two halves for CPU serving (`_export_split`; fp32 only)."""
+    `split`: also the graph's two halves for CPU serving (`_split_halves`; fp32 only)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
     if split and precision != "fp32":

@@ -8,7 +8,7 @@ A chunk of 32 rows keeps its maps in a core's L2, and one session per core runs 
 without waiting on the other core. An ONNX Scan over chunks inside the graph was tried first and
 lost on a quiet machine: it runs the chunks one after the other, each operator still split.
 
-The halves are files the exporter writes beside the model (`export.exporter.write_split`):
+The halves are files the exporter writes beside the model (`musiq export --split`):
 `NAME.features.onnx` (rows [n, P*P*3] -> feature maps [n, F]) and `NAME.head.onnx` (the
 scoring graph whose `patches` are those feature maps). Same arithmetic as the whole graph: the
 exporter checks the composition against it before writing them.
