@@ -108,13 +108,6 @@ class SplitModel:
         for job in jobs:
             job.result()
 
-    def features(self, rows: np.ndarray) -> np.ndarray:
-        """Feature maps [n, F] of patch rows [n, P*P*3]."""
-        rows = np.ascontiguousarray(rows, np.float32)
-        out = np.empty((len(rows), self.width), np.float32)
-        self._fill(rows, np.ones(len(rows), bool), out)
-        return out
-
     def run(
         self, patches: np.ndarray, spatial: np.ndarray, scale: np.ndarray, mask: np.ndarray
     ) -> list[np.ndarray]:
