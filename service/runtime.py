@@ -30,9 +30,9 @@ from typing import Protocol
 import numpy as np
 import onnxruntime as ort
 
-from export.metadata import LINKED_CHECKPOINT, ModelMetadata
+from export.metadata import LINKED_CHECKPOINT, ModelMetadata, split_paths
 from model.packing import PackedImage, collate, write_rows
-from service.split import DEFAULT_CHUNK, SplitModel, split_paths, split_problem
+from service.split import DEFAULT_CHUNK, SplitModel, split_problem
 
 logger = logging.getLogger(__name__)
 

@@ -24,10 +24,6 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.metadata import split_paths
-
-__all__ = ["DEFAULT_CHUNK", "SplitModel", "split_paths", "split_problem"]
-
 DEFAULT_CHUNK = 32  # rows a feature-session call: 32 x 64 KiB maps fit a 2 MiB L2 (16 and 64 measured)
 KEEP_BYTES = 128 * 2**20  # feature arrays up to this size (~2,000 rows) are kept for the next call
 
