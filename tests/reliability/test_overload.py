@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tests.reliability.load import DEADLINE_S, SERVER_ENV, run
 
-OVERLOAD_S = 20.0
+OVERLOAD_S = 12.0
 RSS_LIMIT_MIB = 1024
 
 
