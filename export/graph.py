@@ -368,15 +368,19 @@ class FeatureGraph(nn.Module):
     relu(gp zp + bp + g3 z3 + b3) = gp relu(zp + (g3/gp) z3 + (bp + b3)/gp). Four multiply and
     one add pass over a feature map fewer, ~7 % of this half's time (bench/ort_experiments.py,
     experiment 9); the embedding's weights stay as stored, so the head links to the checkpoint.
+    The unit's sum is flattened before its ReLU, so the last operator writes the output rows: a
+    final Reshape copies them into the caller's bound array (~7 % of this half, one thread).
     """
 
     ratio: nn.Parameter  # gn3's scale over gn_proj's
     out_shift: nn.Parameter
     out_scale: nn.Parameter
 
-    def __init__(self, model: Musiq, fold: bool = True) -> None:
-        """`fold=False` keeps every GroupNorm's affine as it is (for A/B timings)."""
+    def __init__(self, model: Musiq, fold: bool = True, reshape_last: bool = False) -> None:
+        """`fold=False` keeps every GroupNorm's affine as it is, `reshape_last=True` flattens
+        the output last, as before (both for A/B timings)."""
         super().__init__()
+        self.reshape_last = reshape_last
         encoder = ScoringGraph(model).model.patch_encoder
         if not isinstance(encoder, ExportPatchEncoder):
             raise ValueError("only a ResNet / conv patch encoder can be split from its transformer")
@@ -434,10 +438,15 @@ class FeatureGraph(nn.Module):
             if self.folded["out"]:
                 residual = _normalize(block.gn_proj, _same_conv(block.conv_proj, x), q)
                 z3 = _normalize(block.gn3, _same_conv(block.conv3, y), q)
-                x = F.relu(residual + z3 * self.ratio + self.out_shift) * self.out_scale
+                total, scale = residual + z3 * self.ratio + self.out_shift, self.out_scale
             else:
                 residual = _group_norm(block.gn_proj, _same_conv(block.conv_proj, x), q)
-                x = F.relu(residual + _group_norm(block.gn3, _same_conv(block.conv3, y), q))
+                total, scale = residual + _group_norm(block.gn3, _same_conv(block.conv3, y), q), None
+            if self.reshape_last:
+                x = F.relu(total) if scale is None else F.relu(total) * scale
+            else:
+                flat = F.relu(total.reshape(total.shape[0], -1))
+                return flat if scale is None else flat * scale.expand(-1, q, q).reshape(-1)
         return x.reshape(x.shape[0], -1)
 
 
@@ -471,9 +480,7 @@ def export_rows_graph(
     return Path(path)
 
 
-def export_split(
-    model: Musiq, features: str | Path, head: str | Path, opset: int = 17, fold: bool = True
-) -> tuple[Path, Path]:
+def export_split(model: Musiq, features: str | Path, head: str | Path, opset: int = 17) -> tuple[Path, Path]:
     """Traces `FeatureGraph` (rows axis dynamic) and `HeadGraph` (batch and tokens dynamic) to
     `features` and `head`; the head is fused like the whole graph (`export.optimize.fuse`)."""
     import tempfile
@@ -481,7 +488,7 @@ def export_split(
     from export.optimize import fuse
 
     features, head = Path(features), Path(head)
-    feature_graph = FeatureGraph(model, fold)
+    feature_graph = FeatureGraph(model)
     head_graph = HeadGraph(model)
     inputs = list(example_inputs(feature_graph.patch_size))
     inputs[0] = torch.rand(*inputs[0].shape[:2], feature_graph.width)
