@@ -19,8 +19,10 @@ fp32 model (the harness's cached export):
 9. the graph split in two for CPUs (issue 19, `musiq export --split`, `service.split`): the
    features half over chunks of rows on one single-threaded session per thread, then the head,
    against the whole graph at 2 threads, through `ModelRuntime.predict` as the server calls it;
-   chunk sizes, the GroupNorm scales folded or not, the embedding inside the workers per 64-row
-   block (not kept), and the same sgemm products in the loop;
+   chunk sizes, the GroupNorm scales folded or not, the output flattened last (before) or its
+   ReLU writing the rows, and the variants not kept: the embedding inside the workers per 64-row
+   block, the GroupNorm affines inside the LayerNorms, the 1x1 convolutions as MatMuls; the same
+   sgemm products in the loop (`--chunks`: the whole graph and those chunk sizes only);
 and the sgemm GFLOP/s of the same run (the best of numpy, torch and ONNX Runtime's MLAS), to put
 the achieved FLOP rates in proportion.
 """
@@ -32,6 +34,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.models import official_models
 from bench.stats import roofline_fraction, sgemm_gflops
@@ -63,7 +66,10 @@ def main() -> None:
     parser.add_argument("--cache", default="runs/bench-cache")
     parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated experiment numbers")
     parser.add_argument(
-        "--chunks", default="", help="experiment 8: only these chunk sizes, comma-separated (0: before)"
+        "--chunks",
+        default="",
+        help="experiments 8 and 9: only these chunk sizes, comma-separated (8: 0 is before; 9: the "
+        "whole graph and these chunks only)",
     )
     args = parser.parse_args()
     only = {int(n) for n in args.only.split(",")}
@@ -72,7 +78,7 @@ def main() -> None:
         if 8 in only:
             chunked_encoder(Path(args.cache), args.runs, chunks)
         if 9 in only:
-            split_halves(Path(args.cache), args.runs)
+            split_halves(Path(args.cache), args.runs, chunks)
         return
     path = official_models(Path(args.cache))["fp32"]
     peak, engine = sgemm_gflops()
@@ -171,7 +177,7 @@ def main() -> None:
     if 8 in only:
         chunked_encoder(Path(args.cache), args.runs, chunks)
     if 9 in only:
-        split_halves(Path(args.cache), args.runs)
+        split_halves(Path(args.cache), args.runs, chunks)
 
 
 def interleaved_all(fns: dict[str, Callable[[], object]], runs: int, settle: float = 0.2) -> dict[str, float]:
@@ -293,9 +299,10 @@ def chunked_encoder(cache: Path, runs: int, chunks: set[int] | None = None) -> N
                 )
 
 
-def split_halves(cache: Path, runs: int) -> None:
+def split_halves(cache: Path, runs: int, chunks: set[int] | None = None) -> None:
     """Experiment 9: `ModelRuntime.predict` on the whole graph against the split halves, one image
     at a time, 2 threads (2 feature workers for the split), interleaved with the sgemm products.
+    `chunks`: the whole graph and the split at these chunk sizes only.
 
     Pin the process to two cores (`taskset -c 0,1`) on a larger machine."""
 
@@ -314,16 +321,26 @@ def split_halves(cache: Path, runs: int) -> None:
                 files["whole"], RuntimeOptions(intra_op_threads=2, split_encoder=False)
             )
         }
-        for chunk in (16, 32, 64):
+        for chunk in sorted(chunks or (8, 16, 32, 64)):
             variants[f"split, chunk {chunk}"] = ModelRuntime(
                 files["whole"], RuntimeOptions(intra_op_threads=2, encoder_chunk=chunk)
             )
-        variants["split, chunk 32, scales not folded"] = ModelRuntime(
-            files["unfolded"], RuntimeOptions(intra_op_threads=2, encoder_chunk=32)
-        )
-        assert all(rt.split is not None for name, rt in variants.items() if name.startswith("split"))
-        blocked = _EmbedInWorkers(split_paths(files["whole"])[0], files["embed"], files["transformer"], 64)
-        variants["split, embedding per 64-row block in the workers"] = blocked  # type: ignore[assignment]
+        if not chunks:
+            for variant, what in (
+                ("unfolded", "scales not folded"),
+                ("reshape-last", "output reshaped last (before)"),
+                ("affine-in-norm", "affine inside the LayerNorms (not kept)"),
+                ("matmul-1x1", "1x1 convolutions as MatMuls (not kept)"),
+            ):
+                variants[f"split, chunk 32, {what}"] = ModelRuntime(
+                    files[variant], RuntimeOptions(intra_op_threads=2, encoder_chunk=32)
+                )
+            blocked = _EmbedInWorkers(
+                split_paths(files["whole"])[0], files["embed"], files["transformer"], 64
+            )
+            variants["split, embedding per 64-row block in the workers"] = blocked  # type: ignore[assignment]
+        splits = [rt for name, rt in variants.items() if name.startswith("split, chunk")]
+        assert all(isinstance(rt, ModelRuntime) and rt.split is not None for rt in splits)
         for name in names:
             packed = compact(pack(decode_image(images[name].data), cfg.packing()))
             scores = {k: rt.predict([packed])[0].score for k, rt in variants.items()}
@@ -336,7 +353,7 @@ def split_halves(cache: Path, runs: int) -> None:
             before = med["whole graph (before)"]
             for k in variants:
                 print(
-                    f"  {k:50s} {med[k] * 1e3:7.1f} ms  x{before / med[k]:.2f}  "
+                    f"  {k:58s} {med[k] * 1e3:7.1f} ms  x{before / med[k]:.2f}  "
                     f"{roofline_fraction(flops, 1 / med[k], peak):4.0%} of sgemm  "
                     f"|score - before| {abs(scores[k] - scores['whole graph (before)']):.1e}"
                 )
@@ -416,8 +433,8 @@ class _EmbedInWorkers:
 
 def _split_files(cache: Path, ckpt: Path | None) -> dict[str, Path]:
     """Experiment 9's files, cached: `musiq export --split` of the model (the whole graph, its
-    halves beside it, scales folded), and a copy whose halves keep the GroupNorm affine
-    (`fold=False`). The official-size model has random weights (seed 0, as experiment 8)."""
+    halves beside it), and a copy per `_FEATURE_VARIANTS` entry with that features half beside the
+    same head. The official-size model has random weights (seed 0, as experiment 8)."""
     import shutil
     import tempfile
 
@@ -425,14 +442,15 @@ def _split_files(cache: Path, ckpt: Path | None) -> dict[str, Path]:
     import torch
 
     from export.exporter import export_checkpoint
-    from export.graph import export_split
+    from export.graph import export_rows_graph
     from export.metadata import split_paths
     from export.photos import distorted_photos
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.network import Musiq, build_model, to_checkpoint
 
     slug = "official" if ckpt is None else "default"
-    files = {"whole": cache / f"split-{slug}.onnx", "unfolded": cache / f"split-{slug}-unfolded.onnx"}
+    files = {"whole": cache / f"split-{slug}.onnx"}
+    files.update({name: cache / f"split-{slug}-{name}.onnx" for name in _FEATURE_VARIANTS})
     extra = {
         "embed": cache / f"split-{slug}-embed.onnx",
         "transformer": cache / f"split-{slug}-transformer.onnx",
@@ -457,15 +475,128 @@ def _split_files(cache: Path, ckpt: Path | None) -> dict[str, Path]:
     if not files["whole"].is_file():
         export_checkpoint(ckpt, files["whole"], split=True, shapes=shapes, photos=distorted_photos(limit=4))
     _export_embed_and_transformer(model, extra["embed"], extra["transformer"])
-    shutil.copy(files["whole"], files["unfolded"])
     props = onnx.load(str(files["whole"])).metadata_props
-    with tempfile.TemporaryDirectory() as tmp:
-        halves = export_split(model, Path(tmp) / "f.onnx", Path(tmp) / "h.onnx", fold=False)
-        for src, dst in zip(halves, split_paths(files["unfolded"]), strict=True):
+    for name, factory in _FEATURE_VARIANTS.items():
+        shutil.copy(files["whole"], files[name])
+        shutil.copy(split_paths(files["whole"])[1], split_paths(files[name])[1])  # the same head
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = torch.rand(4, OFFICIAL.patch_size**2 * 3) * 2 - 1
+            src = export_rows_graph(factory(model), rows, Path(tmp) / "f.onnx", ("rows", "features"))
             graph = onnx.load(str(src))
             graph.metadata_props.extend(props)
-            onnx.save(graph, dst)
+            onnx.save(graph, split_paths(files[name])[0])
     return {**files, **extra}
+
+
+def _feature_graph(**options: bool) -> Callable[[object], Any]:
+    def make(model: object) -> Any:
+        from export.graph import FeatureGraph
+
+        return FeatureGraph(model, **options).eval()  # type: ignore[arg-type]
+
+    return make
+
+
+def _matmul_1x1(model: object) -> Any:
+    """The kept features half with each 1x1 convolution as a MatMul over NCHW maps
+    ([Cout, Cin] x [n, Cin, h*w]), whose output needs no NCHWc reorder before its GroupNorm."""
+    import torch
+
+    import export.graph as graph
+
+    plain_conv = graph._same_conv
+
+    def conv(c: Any, x: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        w = c.standardized_weight()
+        if w.shape[-1] != 1 or c.stride[0] != 1:
+            return plain_conv(c, x, plain)
+        cin, h, width = x.shape[1:]
+        out = torch.matmul(w.reshape(w.shape[0], cin), x.reshape(-1, cin, h * width))
+        return out.reshape(-1, w.shape[0], h, width)
+
+    class Module(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.graph = graph.FeatureGraph(model)  # type: ignore[arg-type]
+
+        def forward(self, rows: torch.Tensor) -> torch.Tensor:
+            graph._same_conv = conv  # type: ignore[assignment]
+            try:
+                return self.graph(rows)  # type: ignore[no-any-return]
+            finally:
+                graph._same_conv = plain_conv
+
+    return Module().eval()
+
+
+# Experiment 9's features-half variants beside the kept one (`FeatureGraph()`), by file name.
+_FEATURE_VARIANTS: dict[str, Callable[[object], Any]] = {
+    "unfolded": _feature_graph(fold=False),
+    "reshape-last": _feature_graph(reshape_last=True),
+    "affine-in-norm": lambda model: _AffineInNorm(model),
+    "matmul-1x1": _matmul_1x1,
+}
+
+
+def _affine_layer_norm() -> type:
+    """A LayerNormalization whose scale and bias are [G, K] over rows [n, G, K] (ONNX Runtime
+    broadcasts them): each GroupNorm's per-channel affine inside its normalisation."""
+    import torch
+    import torch.nn.functional as F
+
+    class AffineLayerNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, eps: float):  # type: ignore[override]
+            return F.layer_norm(x, (x.shape[-1],), eps=eps) * scale + bias
+
+        @staticmethod
+        def symbolic(g: Any, x: object, scale: object, bias: object, eps: float) -> object:
+            return g.op("LayerNormalization", x, scale, bias, axis_i=-1, epsilon_f=eps)
+
+    return AffineLayerNorm
+
+
+class _AffineInNorm:
+    """Experiment 9's not-kept features half: no Mul / Add pass for any GroupNorm affine (each
+    rides in its LayerNormalization as a [G, K] scale and bias), the last unit's bias carried by
+    one of its two norms. Built lazily (torch only when the experiment runs)."""
+
+    def __new__(cls, model: object) -> Any:  # type: ignore[misc]
+        import torch
+        import torch.nn.functional as F
+
+        from export.graph import FeatureGraph, _same_conv, _same_max_pool
+
+        norm_fn = _affine_layer_norm()
+
+        def group_norm(norm: Any, x: torch.Tensor, size: int, shift: Any = None) -> torch.Tensor:
+            c, groups = norm.num_channels, norm.num_groups
+            k = c // groups * size * size
+            scale = norm.weight[:, None].expand(c, size * size).reshape(groups, k)
+            bias = (norm.bias if shift is None else norm.bias + shift)[:, None]
+            bias = bias.expand(c, size * size).reshape(groups, k)
+            return norm_fn.apply(x.reshape(-1, groups, k), scale, bias, float(norm.eps))
+
+        class Module(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.graph = FeatureGraph(model, fold=False)  # type: ignore[arg-type]
+
+            def forward(self, rows: torch.Tensor) -> torch.Tensor:
+                e = self.graph.encoder
+                p, root, block = e.patch_size, e.root, e.block
+                h, q = p // 2, p // 4
+                x = rows.float().reshape(-1, p, p, 3).permute(0, 3, 1, 2)
+                x = F.relu(group_norm(root.norm, _same_conv(root.conv, x), h))
+                x = _same_max_pool(x.reshape(-1, root.norm.num_channels, h, h), root.pool_pads)
+                mid = (-1, block.gn1.num_channels, q, q)
+                y = F.relu(group_norm(block.gn1, _same_conv(block.conv1, x), q)).reshape(mid)
+                y = F.relu(group_norm(block.gn2, _same_conv(block.conv2, y), q)).reshape(mid)
+                a = group_norm(block.gn_proj, _same_conv(block.conv_proj, x), q, block.gn3.bias)
+                b = group_norm(block.gn3, _same_conv(block.conv3, y), q, -block.gn3.bias)
+                return F.relu((a + b).reshape(-1, block.gn3.num_channels * q * q))
+
+        return Module().eval()
 
 
 def _export_embed_and_transformer(model: object, embed: Path, transformer: Path) -> None:
