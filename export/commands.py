@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument(
         "--split",
         action="store_true",
-        help="also write NAME.features.onnx and NAME.head.onnx, the halves a CPU server runs faster (fp32)",
+        help="also write NAME.features.onnx and NAME.head.onnx, the halves a CPU server runs faster "
+        "(fp32, or int8: an int8 head after fp32 convolutions)",
     )
     e.add_argument(
         "--rollout-weights",

@@ -147,11 +147,12 @@ def export_checkpoint(
 ) -> ExportResult:
     """`tolerance`: the largest fp32 ONNX-vs-PyTorch difference accepted (absolute); by default
     `fp32_bound` sets it from the scores. It also bounds the rollout graph's and the halves' checks.
-    `split`: also the graph's two halves for CPU serving (`_split_halves`; fp32 only)."""
+    `split`: also the graph's two halves for CPU serving (`_split_halves`; fp32, or int8 with
+    an int8 head after the float32 convolutions)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-    if split and precision != "fp32":
-        raise ValueError("the split halves are fp32 graphs: export them with --precision fp32")
+    if split and precision == "fp16":
+        raise ValueError("the split halves are for CPUs: export them with --precision fp32 or int8")
     check_tolerance(tolerance)
     output = Path(output)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -184,6 +185,7 @@ def export_checkpoint(
     parity["shapes"] = [[c.batch, c.tokens, c.padding] for c in checks]
 
     final = fp32
+    ref: np.ndarray | None = None
     if precision != "fp32":
         outputs = tuple(o.name for o in fp32.graph.output)
         final = to_fp16(fp32, keep_float32=outputs) if precision == "fp16" else to_int8(fp32)
@@ -201,6 +203,21 @@ def export_checkpoint(
         if precision == "int8" and not report.srcc >= min_int8_srcc:
             raise ExportRefused(
                 f"int8 rank agreement with fp32 is {report.srcc:.4f} < {min_int8_srcc}; nothing written"
+            )
+
+    # The halves are checked before anything is written: a refused split leaves no file behind.
+    halves = _split_halves(model, opset, shapes, images[:4], tolerance, log) if split else None
+    if halves is not None and precision == "int8":
+        assert ref is not None
+        halves[1] = to_int8(halves[1])
+        got = photo_scores(_SplitSession(*halves), images, cfg.packing())  # type: ignore[arg-type]
+        report = compare_precision(ref, got)
+        log(f"  int8 split halves vs fp32 on {report.images} photos: SRCC {report.srcc:.5f}")
+        parity["int8_split_vs_fp32"] = report.as_dict()
+        if not report.srcc >= min_int8_srcc:
+            raise ExportRefused(
+                f"the int8 halves' rank agreement with fp32 is {report.srcc:.4f} < {min_int8_srcc}; "
+                "nothing written"
             )
 
     metadata = ModelMetadata(
@@ -229,8 +246,6 @@ def export_checkpoint(
             "opset": str(opset),
         },
     )
-    # The halves are checked before anything is written: a refused split leaves no file behind.
-    halves = _split_halves(model, opset, shapes, images[:4], tolerance, log) if split else None
     _write(final, output, metadata.to_props())
     result = ExportResult(output, metadata, fused, checks)
     if rollout:

@@ -158,8 +158,40 @@ def test_halves_beside_another_precision_are_ignored(exported: dict[str, Path], 
     assert ModelRuntime(model).split is None
 
 
-def test_split_needs_fp32(exported: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="fp32"):
+def test_int8_halves_quantise_the_head_and_score_as_the_int8_file(
+    exported: dict[str, Path], tmp_path: Path
+) -> None:
+    """The features half stays float32 (as the whole int8 file's convolutions), the head is
+    quantised like the whole file, and each image scores as the whole int8 file does, within that
+    file's own deviation from fp32 (the activations' int8 ranges follow float32 rounding)."""
+    import onnx
+
+    from export.photos import distorted_photos
+
+    model = tmp_path / "tiny8.onnx"
+    result = export_checkpoint(
+        exported["checkpoint"],
+        model,
+        precision="int8",
+        split=True,
+        photos=distorted_photos(limit=8, longer_side=160),
+        shapes=SHAPES,
+        min_int8_srcc=0.5,
+        log=lambda s: None,
+    )
+    features, head = ({n.op_type for n in onnx.load(p).graph.node} for p in split_paths(model))
+    assert "MatMulInteger" in head and not features & {"MatMulInteger", "DynamicQuantizeLinear"}
+    assert result.metadata.parity["int8_split_vs_fp32"]["images"] == 8
+    whole = ModelRuntime(model, RuntimeOptions(split_encoder=False))
+    split = ModelRuntime(model)
+    assert split.split is not None
+    bound = result.metadata.parity["int8_vs_fp32"]["max_abs_dev"]
+    for p in (compact(pack(img, whole.packing)) for img in images(3)):
+        np.testing.assert_allclose(split.predict([p])[0].score, whole.predict([p])[0].score, atol=bound)
+
+
+def test_split_needs_fp32_or_int8(exported: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="fp32 or int8"):
         export_checkpoint(
             exported["checkpoint"], tmp_path / "x.onnx", precision="fp16", split=True, photos=[]
         )
