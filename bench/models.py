@@ -18,9 +18,13 @@ BENCH_SHAPES = ((1, 1, "none"), (8, 64, "heavy"), (5, 385, "heavy"), (2, 1500, "
 
 
 def official_models(cache: Path, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """{precision: ONNX path}, exporting what the cache lacks."""
+    """{precision: ONNX path}, exporting what the cache lacks. fp32 and int8 come with their CPU
+    halves (`--split`), which the service runs on a CPU as it would for a user's export."""
+    from export.metadata import split_paths
+
     paths = {p: cache / f"musiq-official-seed{seed}.{p}.onnx" for p in PRECISIONS}
-    if all(p.is_file() for p in paths.values()):
+    wanted = {p: (path, *split_paths(path)) if p != "fp16" else (path,) for p, path in paths.items()}
+    if all(f.is_file() for files in wanted.values() for f in files):
         return paths
     import torch
 
@@ -38,7 +42,8 @@ def official_models(cache: Path, seed: int = 0, log: Callable[[str], None] = pri
             model.head.weight.normal_(0, 0.05)
         save_checkpoint(to_checkpoint(model, name="musiq-official-random", version=str(seed)), ckpt)
     for precision, path in paths.items():
-        if not path.is_file():
+        if not all(f.is_file() for f in wanted[precision]):
             log(f"exporting the official-size model ({precision}) to {path} ...")
-            export_checkpoint(ckpt, path, precision=precision, shapes=BENCH_SHAPES, log=log)
+            split = precision != "fp16"
+            export_checkpoint(ckpt, path, precision=precision, split=split, shapes=BENCH_SHAPES, log=log)
     return paths
