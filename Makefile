@@ -8,9 +8,10 @@ PARITY_VENV ?= .venv-parity
 PARITY_STAMP := $(PARITY_VENV)/.installed
 # The serving set and the client are also tested under each further Python found here, in a venv of
 # its own per version ($(VENV)-py3.12, ...: the base set + the `test-serve` extra, no torch), on these
-# tests (those in them that need torch or dev tools are skipped there: tests/conftest.py). The newest
-# version found runs the whole serving set; the ones between it and 3.11 (both tested whole) run
-# SERVE_SMOKE, the servers and client end to end: the whole set twice more cost CI ~3 minutes.
+# tests (those in them that need torch or dev tools are skipped there: tests/conftest.py): SERVE_SMOKE,
+# the servers, client, decode and packing end to end. 3.11 runs every test; the whole serving set
+# (SERVE_TESTS: `make test-pythons SERVE_SET=whole`) under each further version cost CI ~4 minutes.
+SERVE_SET ?= smoke
 EXTRA_PYTHONS ?= 3.12 3.13
 SERVE_TESTS := tests/test_rest.py tests/test_grpc.py tests/test_grpc_spread.py tests/test_client.py \
 	tests/test_explain.py tests/test_external.py tests/test_score_cli.py \
@@ -75,10 +76,8 @@ test-pythons: $(STAMP) $(foreach v,$(FOUND_PYTHONS),$(VENV)-py$(v)/.installed)
 	@[ -n "$(FOUND_PYTHONS)" ] || echo "test-pythons: none of Python $(EXTRA_PYTHONS) runs here: only 3.11 was tested"
 	@status=0; \
 	for v in $(FOUND_PYTHONS); do \
-		if [ "$$v" = "$(lastword $(FOUND_PYTHONS))" ]; then set=whole; tests="$(SERVE_TESTS)"; \
-		else set=smoke; tests="$(SERVE_SMOKE)"; fi; \
-		echo "== Python $$v ($(VENV)-py$$v, $$($(VENV)-py$$v/bin/python -V)): the serving set's tests ($$set)"; \
-		$(VENV)-py$$v/bin/python -m pytest -q $$tests || status=1; \
+		echo "== Python $$v ($(VENV)-py$$v, $$($(VENV)-py$$v/bin/python -V)): the serving set's tests ($(SERVE_SET))"; \
+		$(VENV)-py$$v/bin/python -m pytest -q $(if $(filter whole,$(SERVE_SET)),$(SERVE_TESTS),$(SERVE_SMOKE)) || status=1; \
 	done; \
 	exit $$status
 
