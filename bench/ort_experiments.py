@@ -529,20 +529,14 @@ def _matmul_1x1(model: object) -> Any:
     return Module().eval()
 
 
-# Experiment 9's features-half variants beside the kept one (`FeatureGraph()`), by file name.
-_FEATURE_VARIANTS: dict[str, Callable[[object], Any]] = {
-    "unfolded": _feature_graph(fold=False),
-    "reshape-last": _feature_graph(reshape_last=True),
-    "affine-in-norm": lambda model: _AffineInNorm(model),
-    "matmul-1x1": _matmul_1x1,
-}
-
-
-def _affine_layer_norm() -> type:
-    """A LayerNormalization whose scale and bias are [G, K] over rows [n, G, K] (ONNX Runtime
-    broadcasts them): each GroupNorm's per-channel affine inside its normalisation."""
+def _affine_in_norm(model: object) -> Any:
+    """Experiment 9's not-kept features half: no Mul / Add pass for any GroupNorm affine, each
+    riding in its LayerNormalization as a [G, K] scale and bias over rows [n, G, K] (ONNX Runtime
+    broadcasts them); the last unit's bias is carried by one of its two norms."""
     import torch
     import torch.nn.functional as F
+
+    from export.graph import FeatureGraph, _same_conv, _same_max_pool
 
     class AffineLayerNorm(torch.autograd.Function):
         @staticmethod
@@ -553,50 +547,43 @@ def _affine_layer_norm() -> type:
         def symbolic(g: Any, x: object, scale: object, bias: object, eps: float) -> object:
             return g.op("LayerNormalization", x, scale, bias, axis_i=-1, epsilon_f=eps)
 
-    return AffineLayerNorm
+    def group_norm(norm: Any, x: torch.Tensor, size: int, shift: Any = None) -> torch.Tensor:
+        c, groups = norm.num_channels, norm.num_groups
+        k = c // groups * size * size
+        scale = norm.weight[:, None].expand(c, size * size).reshape(groups, k)
+        bias = (norm.bias if shift is None else norm.bias + shift)[:, None]
+        bias = bias.expand(c, size * size).reshape(groups, k)
+        return AffineLayerNorm.apply(x.reshape(-1, groups, k), scale, bias, float(norm.eps))
+
+    class Module(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.graph = FeatureGraph(model, fold=False)  # type: ignore[arg-type]
+
+        def forward(self, rows: torch.Tensor) -> torch.Tensor:
+            e = self.graph.encoder
+            p, root, block = e.patch_size, e.root, e.block
+            h, q = p // 2, p // 4
+            x = rows.float().reshape(-1, p, p, 3).permute(0, 3, 1, 2)
+            x = F.relu(group_norm(root.norm, _same_conv(root.conv, x), h))
+            x = _same_max_pool(x.reshape(-1, root.norm.num_channels, h, h), root.pool_pads)
+            mid = (-1, block.gn1.num_channels, q, q)
+            y = F.relu(group_norm(block.gn1, _same_conv(block.conv1, x), q)).reshape(mid)
+            y = F.relu(group_norm(block.gn2, _same_conv(block.conv2, y), q)).reshape(mid)
+            a = group_norm(block.gn_proj, _same_conv(block.conv_proj, x), q, block.gn3.bias)
+            b = group_norm(block.gn3, _same_conv(block.conv3, y), q, -block.gn3.bias)
+            return F.relu((a + b).reshape(-1, block.gn3.num_channels * q * q))
+
+    return Module().eval()
 
 
-class _AffineInNorm:
-    """Experiment 9's not-kept features half: no Mul / Add pass for any GroupNorm affine (each
-    rides in its LayerNormalization as a [G, K] scale and bias), the last unit's bias carried by
-    one of its two norms. Built lazily (torch only when the experiment runs)."""
-
-    def __new__(cls, model: object) -> Any:  # type: ignore[misc]
-        import torch
-        import torch.nn.functional as F
-
-        from export.graph import FeatureGraph, _same_conv, _same_max_pool
-
-        norm_fn = _affine_layer_norm()
-
-        def group_norm(norm: Any, x: torch.Tensor, size: int, shift: Any = None) -> torch.Tensor:
-            c, groups = norm.num_channels, norm.num_groups
-            k = c // groups * size * size
-            scale = norm.weight[:, None].expand(c, size * size).reshape(groups, k)
-            bias = (norm.bias if shift is None else norm.bias + shift)[:, None]
-            bias = bias.expand(c, size * size).reshape(groups, k)
-            return norm_fn.apply(x.reshape(-1, groups, k), scale, bias, float(norm.eps))
-
-        class Module(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.graph = FeatureGraph(model, fold=False)  # type: ignore[arg-type]
-
-            def forward(self, rows: torch.Tensor) -> torch.Tensor:
-                e = self.graph.encoder
-                p, root, block = e.patch_size, e.root, e.block
-                h, q = p // 2, p // 4
-                x = rows.float().reshape(-1, p, p, 3).permute(0, 3, 1, 2)
-                x = F.relu(group_norm(root.norm, _same_conv(root.conv, x), h))
-                x = _same_max_pool(x.reshape(-1, root.norm.num_channels, h, h), root.pool_pads)
-                mid = (-1, block.gn1.num_channels, q, q)
-                y = F.relu(group_norm(block.gn1, _same_conv(block.conv1, x), q)).reshape(mid)
-                y = F.relu(group_norm(block.gn2, _same_conv(block.conv2, y), q)).reshape(mid)
-                a = group_norm(block.gn_proj, _same_conv(block.conv_proj, x), q, block.gn3.bias)
-                b = group_norm(block.gn3, _same_conv(block.conv3, y), q, -block.gn3.bias)
-                return F.relu((a + b).reshape(-1, block.gn3.num_channels * q * q))
-
-        return Module().eval()
+# Experiment 9's features-half variants beside the kept one (`FeatureGraph()`), by file name.
+_FEATURE_VARIANTS: dict[str, Callable[[object], Any]] = {
+    "unfolded": _feature_graph(fold=False),
+    "reshape-last": _feature_graph(reshape_last=True),
+    "affine-in-norm": _affine_in_norm,
+    "matmul-1x1": _matmul_1x1,
+}
 
 
 def _export_embed_and_transformer(model: object, embed: Path, transformer: Path) -> None:
