@@ -23,7 +23,7 @@ def official_models(cache: Path, seed: int = 0, log: Callable[[str], None] = pri
     from export.metadata import split_paths
 
     paths = {p: cache / f"musiq-official-seed{seed}.{p}.onnx" for p in PRECISIONS}
-    wanted = {p: (path, *split_paths(path)) if p != "fp16" else (path,) for p, path in paths.items()}
+    wanted = {p: (path, *split_paths(path)) for p, path in paths.items()}
     if all(f.is_file() for files in wanted.values() for f in files):
         return paths
     import torch
@@ -44,6 +44,5 @@ def official_models(cache: Path, seed: int = 0, log: Callable[[str], None] = pri
     for precision, path in paths.items():
         if not all(f.is_file() for f in wanted[precision]):
             log(f"exporting the official-size model ({precision}) to {path} ...")
-            split = precision != "fp16"
-            export_checkpoint(ckpt, path, precision=precision, split=split, shapes=BENCH_SHAPES, log=log)
+            export_checkpoint(ckpt, path, precision=precision, split=True, shapes=BENCH_SHAPES, log=log)
     return paths

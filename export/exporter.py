@@ -200,10 +200,8 @@ def export_checkpoint(
         )
         parity[f"{precision}_vs_fp32"] = report.as_dict()
         parity[f"{precision}_vs_torch_max_abs"] = float(f"{max(c.max_abs_diff for c in variant):.3e}")
-        if precision == "int8" and not report.srcc >= min_int8_srcc:
-            raise ExportRefused(
-                f"int8 rank agreement with fp32 is {report.srcc:.4f} < {min_int8_srcc}; nothing written"
-            )
+        if precision == "int8":
+            _refuse_below_floor("int8", report.srcc, min_int8_srcc)
 
     # The halves are checked before anything is written: a refused split leaves no file behind.
     halves = _split_halves(model, opset, shapes, images[:4], tolerance, log) if split else None
@@ -214,11 +212,7 @@ def export_checkpoint(
         report = compare_precision(ref, got)
         log(f"  int8 split halves vs fp32 on {report.images} photos: SRCC {report.srcc:.5f}")
         parity["int8_split_vs_fp32"] = report.as_dict()
-        if not report.srcc >= min_int8_srcc:
-            raise ExportRefused(
-                f"the int8 halves' rank agreement with fp32 is {report.srcc:.4f} < {min_int8_srcc}; "
-                "nothing written"
-            )
+        _refuse_below_floor("the int8 halves'", report.srcc, min_int8_srcc)
 
     metadata = ModelMetadata(
         name=checkpoint.name,
@@ -260,6 +254,12 @@ def export_checkpoint(
         result.split_paths = paths
     log(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MiB, {precision})")
     return result
+
+
+def _refuse_below_floor(what: str, srcc: float, floor: float) -> None:
+    """`ExportRefused` when an int8 graph ranks the check photos below the floor (or NaN)."""
+    if not srcc >= floor:
+        raise ExportRefused(f"{what} rank agreement with fp32 is {srcc:.4f} < {floor}; nothing written")
 
 
 class _SplitSession:
