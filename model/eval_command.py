@@ -112,6 +112,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--workers", type=int, default=0, help="decode processes (default 0: in-process)")
     e.add_argument("--limit", type=int, help="score only the first N rows (after --split)")
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000; 0: none)")
+    e.add_argument(
+        "--flip",
+        action="store_true",
+        help="test-time flip averaging: the mean of each image's score and its mirror's (two "
+        "forwards an image; the service scores one)",
+    )
     e.set_defaults(handler=cmd_eval)
 
 
@@ -138,13 +144,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model.scoring import score_images
 
     model = build_model(checkpoint)
-    pred = score_images(
-        model,
-        data.paths,
-        packing=checkpoint.packing,
-        batch_size=args.batch_size,
-        progress=True,
-        workers=args.workers,
+    passes = (False, True) if args.flip else (False,)
+    pred = np.mean(
+        [
+            score_images(
+                model,
+                data.paths,
+                packing=checkpoint.packing,
+                batch_size=args.batch_size,
+                progress=True,
+                workers=args.workers,
+                flip=flip,
+            )
+            for flip in passes
+        ],
+        axis=0,
     )
     metrics = iqa_metrics(pred, data.mos, n_boot=args.n_boot)
     print(format_metrics(metrics), flush=True)
@@ -159,6 +173,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "checkpoint": str(args.checkpoint or default_checkpoint_path()),
             "data": str(args.data),
             "split": args.split,
+            "flip_averaged": bool(args.flip),
         }
         (out / "metrics.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
         with (out / "predictions.csv").open("w", newline="", encoding="utf-8") as f:

@@ -80,22 +80,28 @@ def _token_count(image: ImageInput, packing: PackingConfig) -> int:
     return planned_tokens(height, width, packing)
 
 
-def _pack_one(image: ImageInput, packing: PackingConfig) -> PackedImage:
+def _pack_one(image: ImageInput, packing: PackingConfig, flip: bool = False) -> PackedImage:
     if isinstance(image, np.ndarray):
-        return pack(image, packing)
-    try:
-        return pack(decode_image(image), packing)
-    except ImageDecodeError as exc:
-        _raise_named(exc, image)
+        pixels = image
+    else:
+        try:
+            pixels = decode_image(image)
+        except ImageDecodeError as exc:
+            _raise_named(exc, image)
+    return pack(pixels[:, ::-1] if flip else pixels, packing)
 
 
-def _pack_chunk(images: list[ImageInput], packing: PackingConfig) -> list[PackedImage]:
+def _pack_chunk(images: list[ImageInput], packing: PackingConfig, flip: bool = False) -> list[PackedImage]:
     """Decodes and packs one batch; top level so a process pool can pickle it by reference."""
-    return [_pack_one(image, packing) for image in images]
+    return [_pack_one(image, packing, flip) for image in images]
 
 
 def _packed_batches(
-    images: Sequence[ImageInput], batches: list[list[int]], packing: PackingConfig, workers: int
+    images: Sequence[ImageInput],
+    batches: list[list[int]],
+    packing: PackingConfig,
+    workers: int,
+    flip: bool = False,
 ) -> Generator[tuple[list[int], list[PackedImage]], None, None]:
     """Yields (input indices, packed images) per batch, in `batches` order.
 
@@ -106,7 +112,7 @@ def _packed_batches(
     """
     if workers <= 0:
         for idx in batches:
-            yield idx, _pack_chunk([images[i] for i in idx], packing)
+            yield idx, _pack_chunk([images[i] for i in idx], packing, flip)
         return
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     pending: deque[tuple[list[int], Future[list[PackedImage]]]] = deque()
@@ -115,7 +121,7 @@ def _packed_batches(
     def submit() -> None:
         idx = next(todo, None)
         if idx is not None:
-            pending.append((idx, pool.submit(_pack_chunk, [images[i] for i in idx], packing)))
+            pending.append((idx, pool.submit(_pack_chunk, [images[i] for i in idx], packing, flip)))
 
     try:
         for _ in range(PREFETCH_PER_WORKER * workers):
@@ -138,6 +144,7 @@ def score_images(
     batch_size: int = 8,
     progress: bool = False,
     workers: int = 0,
+    flip: bool = False,
 ) -> np.ndarray:
     """Quality scores (float64 [n], in input order) of image files or decoded uint8 RGB arrays.
 
@@ -147,7 +154,8 @@ def score_images(
     The model runs in eval mode under `torch.inference_mode()` on the device of its parameters
     (its training flag is restored afterwards). A file that cannot be decoded raises
     `ImageDecodeError` whose message starts with the file name; `progress` shows a tqdm bar on
-    stderr.
+    stderr. `flip` scores each image mirrored left to right (`musiq eval --flip` averages both:
+    the model's spatial embeddings are not mirror-symmetric, so the two scores differ).
     """
     import torch
 
@@ -174,7 +182,7 @@ def score_images(
     try:
         with (
             tqdm(total=n, unit="img", disable=not progress, file=sys.stderr, desc="scoring") as bar,
-            closing(_packed_batches(images, batches, packing, workers)) as stream,
+            closing(_packed_batches(images, batches, packing, workers, flip)) as stream,
         ):
             for idx, items in stream:
                 batch = collate(items)

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
+from cli.main import main as cli_main
 from model.checkpoint import save_checkpoint
 from model.decode import ImageDecodeError, decode_image
 from model.eval_command import read_dataset
@@ -202,6 +203,16 @@ def test_batched_scores_equal_single_image_scores(tiny_model, tmp_path: Path, wo
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_flip_scores_each_image_mirrored(tiny_model, tmp_path: Path, workers: int) -> None:
+    paths = write_images(tmp_path, SHAPES[:4])
+    mirrored = [decode_image(p)[:, ::-1] for p in paths]
+    got = score_images(tiny_model, paths, batch_size=3, workers=workers, flip=True)
+    np.testing.assert_allclose(got, one_at_a_time(tiny_model, mirrored), atol=1e-5, rtol=0)
+    # the network is not mirror-symmetric (hashed positions), so this compares different numbers
+    assert np.abs(got - score_images(tiny_model, paths)).max() > 1e-3
+
+
 def test_planned_tokens_match_the_packing() -> None:
     packing = FAST.packing()
     for h, w in SHAPES:
@@ -272,6 +283,33 @@ def test_eval_cli_end_to_end(eval_setup: tuple[Path, Path], tiny_model, tmp_path
     dataset = read_dataset(data, split="test")
     expected = one_at_a_time(tiny_model, dataset.paths)
     np.testing.assert_allclose([float(r["pred"]) for r in rows], expected, atol=1e-5)
+
+
+def test_eval_cli_flip_averages_each_image_with_its_mirror(
+    eval_setup: tuple[Path, Path], tiny_model, tmp_path: Path
+) -> None:
+    ckpt, data = eval_setup
+    out = tmp_path / "report"
+    argv = [
+        "eval",
+        "--checkpoint",
+        str(ckpt),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--n-boot",
+        "0",
+        "--flip",
+    ]
+    assert cli_main(argv) == 0
+    assert json.loads((out / "metrics.json").read_text())["flip_averaged"] is True
+    with (out / "predictions.csv").open() as f:
+        pred = [float(r["pred"]) for r in csv.DictReader(f)]
+    paths = read_dataset(data).paths
+    mirrored = [decode_image(p)[:, ::-1] for p in paths]
+    expected = (one_at_a_time(tiny_model, paths) + one_at_a_time(tiny_model, mirrored)) / 2
+    np.testing.assert_allclose(pred, expected, atol=1e-5)
 
 
 def test_eval_cli_rejects_a_csv_without_mos(eval_setup: tuple[Path, Path], tmp_path: Path) -> None:
