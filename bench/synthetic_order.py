@@ -100,27 +100,21 @@ def write_scores(out: Path, name: str, images: list[str], quality: list[float]) 
     print(f"{len(images)} scores -> {out / 'scores' / (name + '.csv')}")
 
 
-def score_musiq(out: Path, checkpoint: str | None, name: str, max_native_tokens: int) -> None:
-    """Scores with the PyTorch network at the server's native-token cap, 8 images per batch."""
-    import torch
-    from tqdm import tqdm
-
+def score_musiq(out: Path, checkpoint: str | None, name: str, max_native_tokens: int, flip: bool) -> None:
+    """Scores with the PyTorch network at the server's native-token cap; `flip`: the mean of each
+    image's score and its mirror's (test-time flip averaging, two forwards an image)."""
     from model.checkpoint import load_named_or_default
-    from model.decode import decode_image
     from model.network import build_model
-    from model.packing import collate, pack
+    from model.scoring import score_images
 
     ckpt = load_named_or_default(checkpoint)
     model = build_model(ckpt).eval()
     packing = ckpt.config.packing(max_native_tokens)
     images = [r["image"] for r in read_index(out)]
-    quality: list[float] = []
-    for i in tqdm(range(0, len(images), 8), desc=f"scoring ({name})", unit="batch"):
-        batch = collate([pack(decode_image(out / "images" / im), packing) for im in images[i : i + 8]])
-        inputs = [torch.from_numpy(a) for a in (batch.patches, batch.spatial, batch.scale, batch.mask)]
-        with torch.inference_mode():
-            quality += [float(v) for v in model.score(model(*inputs))]
-    write_scores(out, name, images, quality)
+    paths = [out / "images" / im for im in images]
+    passes = (False, True) if flip else (False,)
+    scores = [score_images(model, paths, packing=packing, progress=True, flip=f) for f in passes]
+    write_scores(out, name, images, [float(v) for v in np.mean(scores, axis=0)])
 
 
 def score_brisque(out: Path) -> None:
@@ -254,6 +248,7 @@ def main() -> None:
     s.add_argument("--checkpoint", help="project checkpoint (default: the embedded model)")
     s.add_argument("--name", required=True, help="column name in the report")
     s.add_argument("--max-native-tokens", type=int, default=512, help="the server's default cap")
+    s.add_argument("--flip", action="store_true", help="average each image's score with its mirror's")
     sub.add_parser("brisque", help="score them with BRISQUE (run in .venv-brisque)")
     r = sub.add_parser("report", help="order accuracies, markdown and plot")
     r.add_argument("names", nargs="*", help="score files to compare (default: all)")
@@ -262,7 +257,7 @@ def main() -> None:
     if args.command == "make":
         make(args.out, args.photos)
     elif args.command == "score":
-        score_musiq(args.out, args.checkpoint, args.name, args.max_native_tokens)
+        score_musiq(args.out, args.checkpoint, args.name, args.max_native_tokens, args.flip)
     elif args.command == "brisque":
         score_brisque(args.out)
     else:
