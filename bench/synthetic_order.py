@@ -105,16 +105,15 @@ def score_musiq(out: Path, checkpoint: str | None, name: str, max_native_tokens:
     image's score and its mirror's (test-time flip averaging, two forwards an image)."""
     from model.checkpoint import load_named_or_default
     from model.network import build_model
-    from model.scoring import score_images
+    from model.scoring import flip_averaged, score_images
 
     ckpt = load_named_or_default(checkpoint)
     model = build_model(ckpt).eval()
     packing = ckpt.config.packing(max_native_tokens)
     images = [r["image"] for r in read_index(out)]
     paths = [out / "images" / im for im in images]
-    passes = (False, True) if flip else (False,)
-    scores = [score_images(model, paths, packing=packing, progress=True, flip=f) for f in passes]
-    write_scores(out, name, images, [float(v) for v in np.mean(scores, axis=0)])
+    scores = (flip_averaged if flip else score_images)(model, paths, packing=packing, progress=True)
+    write_scores(out, name, images, [float(v) for v in scores])
 
 
 def score_brisque(out: Path) -> None:

@@ -141,24 +141,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     checkpoint = load_named_or_default(args.checkpoint)
 
     from model.network import build_model
-    from model.scoring import score_images
+    from model.scoring import flip_averaged, score_images
 
     model = build_model(checkpoint)
-    passes = (False, True) if args.flip else (False,)
-    pred = np.mean(
-        [
-            score_images(
-                model,
-                data.paths,
-                packing=checkpoint.packing,
-                batch_size=args.batch_size,
-                progress=True,
-                workers=args.workers,
-                flip=flip,
-            )
-            for flip in passes
-        ],
-        axis=0,
+    scorer = flip_averaged if args.flip else score_images
+    pred = scorer(
+        model,
+        data.paths,
+        packing=checkpoint.packing,
+        batch_size=args.batch_size,
+        progress=True,
+        workers=args.workers,
     )
     metrics = iqa_metrics(pred, data.mos, n_boot=args.n_boot)
     print(format_metrics(metrics), flush=True)
