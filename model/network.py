@@ -277,8 +277,14 @@ class Musiq(nn.Module):
         self, patches: torch.Tensor, spatial: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens with embeddings and CLS prepended [B, 1+N, D], and the key bias [B, 1, 1, 1+N]."""
-        x = self.patch_encoder(patches)
-        x = x + self.pos_embedding[spatial.long()]
+        return self.embed_tokens(self.patch_encoder(patches), spatial, scale, mask)
+
+    def embed_tokens(
+        self, tokens: torch.Tensor, spatial: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`embed` from the patch encoder's output [B, N, D]: fine-tuning with a frozen encoder
+        (tools/frozen_finetune.py) computes that once per image and starts here."""
+        x = tokens + self.pos_embedding[spatial.long()]
         if self.config.use_scale_embedding:
             x = x + self.scale_embedding[scale.long()]
         cls = self.cls.expand(x.shape[0], -1, -1)
@@ -291,7 +297,10 @@ class Musiq(nn.Module):
         self, patches: torch.Tensor, spatial: torch.Tensor, scale: torch.Tensor, mask: torch.Tensor
     ) -> torch.Tensor:
         """The normalised CLS embedding [B, D]."""
-        x, key_bias = self.embed(patches, spatial, scale, mask)
+        return self.encode(*self.embed(patches, spatial, scale, mask))
+
+    def encode(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        """The transformer over embedded tokens (`embed`'s outputs): the normalised CLS [B, D]."""
         for block in self.blocks:
             x = block(x, key_bias)
         return self.encoder_norm(x[:, 0])
