@@ -339,6 +339,8 @@ def split_halves(cache: Path, runs: int, chunks: set[int] | None = None) -> None
                 split_paths(files["whole"])[0], files["embed"], files["transformer"], 64
             )
             variants["split, embedding per 64-row block in the workers"] = blocked  # type: ignore[assignment]
+            variants["split, chunk 32, even chunks per worker (not kept)"] = _even_chunks(files["whole"])
+            variants["split, chunk 32, head threads spinning (not kept)"] = _spinning_head(files["whole"])
         splits = [rt for name, rt in variants.items() if name.startswith("split, chunk")]
         assert all(isinstance(rt, ModelRuntime) and rt.split is not None for rt in splits)
         for name in names:
@@ -357,6 +359,56 @@ def split_halves(cache: Path, runs: int, chunks: set[int] | None = None) -> None
                     f"{roofline_fraction(flops, 1 / med[k], peak):4.0%} of sgemm  "
                     f"|score - before| {abs(scores[k] - scores['whole graph (before)']):.1e}"
                 )
+
+
+def _even_chunks(model: Path) -> ModelRuntime:
+    """Experiment 9's variant (not kept): each image's rows cut into a multiple of the worker count
+    of equal chunks (662 rows: 22 of 30-31, not 20 of 32 and one of 22), so that no worker is
+    left with the last chunk while the other waits. Three interleaved runs: no gain beyond noise."""
+    import itertools
+    import math
+    import types
+
+    import numpy as np
+
+    runtime = ModelRuntime(model, RuntimeOptions(intra_op_threads=2, encoder_chunk=32))
+    split = runtime.split
+    assert split is not None
+
+    def fill(self: Any, rows: np.ndarray, real: np.ndarray, out: np.ndarray) -> None:
+        edges = np.flatnonzero(np.diff(np.concatenate(([False], real, [False])).astype(np.int8)))
+        jobs, last = [], 0
+        for start, stop in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):
+            out[last:start] = 0
+            last = stop
+            count = math.ceil(math.ceil((stop - start) / self.chunk) / self.workers) * self.workers
+            bounds = np.linspace(start, stop, count + 1).round().astype(int).tolist()
+            for a, b in itertools.pairwise(bounds):
+                jobs.append(self._pool.submit(self._encode, rows[a:b], out[a:b]))
+        out[last:] = 0
+        for job in jobs:
+            job.result()
+
+    split._fill = types.MethodType(fill, split)  # type: ignore[method-assign]
+    return runtime
+
+
+def _spinning_head(model: Path) -> ModelRuntime:
+    """Experiment 9's variant (not kept): the head's two intra-op threads spin between operators
+    (the service turns spinning off so that they leave the cores to decoding under load); at batch 1
+    on a quiet machine the head's ~60 small operators might gain. Measured: no gain beyond noise."""
+    import onnxruntime as ort
+
+    from export.metadata import split_paths
+
+    runtime = ModelRuntime(model, RuntimeOptions(intra_op_threads=2, encoder_chunk=32))
+    assert runtime.split is not None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = 2, 1, 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    head = split_paths(model)[1]
+    runtime.split.head = ort.InferenceSession(str(head), options, providers=["CPUExecutionProvider"])
+    return runtime
 
 
 class _EmbedInWorkers:
