@@ -1,11 +1,14 @@
 """Fine-tuning the transformer on CLIVE with the patch encoder frozen (issue 17's "freezing the
 patch encoder" lever), fast enough on two CPU cores to choose a recipe by a held-out dev set.
 
-Why: the patch encoder (ResNet + its 16384 -> D projection) holds 3.4 M of the small preset's 5.5 M
+Why: the patch encoder (ResNet + its 16384 -> D projection) holds 3.2 M of the small preset's 5.5 M
 parameters and two thirds of its FLOPs. Fine-tuning all of it on 749 images overfits by epoch 9
 (model card). Frozen, its output for each image (and its mirror, for flip augmentation) is computed
-once; an epoch then runs only the transformer, about 4x less work, and the recipe can be chosen on
+once; an epoch then runs only the transformer (a quarter of the FLOPs; 54 s instead of ~9 min on
+2 cores, decoding and packing gone too), and the recipe can be chosen on
 a dev set carved from the training split instead of on the validation split it is reported on.
+Measured (model/weights/MODEL_CARD.md, "Tried and lost"): both frozen starts lost to v2's full
+fine-tune; the encoder is what has to learn.
 
     python -m tools.frozen_finetune cache --init runs/pretrain_synthetic.fp16.safetensors \\
         --split runs/clive_split.csv --out runs/frozen/stage1b.pt
