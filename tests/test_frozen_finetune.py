@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import preset
@@ -18,7 +17,7 @@ from model.data import read_labels
 from model.decode import decode_image
 from model.network import Musiq, build_model, to_checkpoint
 from model.packing import collate, pack
-from tests.test_train import write_noise_set
+from tests.test_train import write_noise_set, write_photos
 from tools import frozen_finetune
 
 TINY = preset("small", hidden_size=32, num_layers=1, num_heads=2, mlp_dim=48, longer_sides=(64,))
@@ -101,15 +100,7 @@ def test_ranking_groups_mix_in_and_must_come_from_the_same_start(
 ) -> None:
     import model.distortions
 
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(7)
-    for i in range(3):
-        y, x = np.mgrid[0:96, 0:128]
-        base = np.stack([x * 2, y * 2, (x + y)], -1) % 256
-        Image.fromarray(np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)).save(
-            photos / f"p{i}.png"
-        )
+    photos = write_photos(tmp_path / "photos")
     monkeypatch.setattr(model.distortions, "default_roots", lambda: [photos])
     labels, init = _setup(tmp_path)
     store, groups = tmp_path / "cache.pt", tmp_path / "groups.pt"

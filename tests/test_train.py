@@ -56,6 +56,18 @@ def write_noise_set(folder: Path, n: int = 12, seed: int = 0) -> Path:
     return folder / "labels.csv"
 
 
+def write_photos(folder: Path, n: int = 3) -> Path:
+    """`n` small noisy gradient PNGs standing in for pristine photos; returns the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for i in range(n):
+        y, x = np.mgrid[0:96, 0:128]
+        base = np.stack([x * 2, y * 2, (x + y)], -1) % 256
+        noisy = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(folder / f"p{i}.png")
+    return folder
+
+
 def write_brightness_set(folder: Path, n: int = 20) -> Path:
     """Uniformly coloured images whose MOS (0..5) is proportional to their brightness (trivially learnable)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -471,14 +483,7 @@ def test_synthetic_mode_one_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     # Only the photos given here: BSDS500 (when on disk) would make a 300-item validation set.
     monkeypatch.setattr(model.distortions, "default_roots", lambda: [])
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(7)
-    for i in range(3):
-        y, x = np.mgrid[0:96, 0:128]
-        base = np.stack([x * 2, y * 2, (x + y)], -1) % 256
-        noisy = np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(photos / f"p{i}.png")
+    photos = write_photos(tmp_path / "photos")
     cfg = TrainConfig.load(
         write_recipe(
             tmp_path / "r.toml",
