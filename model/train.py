@@ -184,6 +184,18 @@ def lr_at(step: int, total: int, warmup: int, base: float, progress: float | Non
     return base * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser parameter groups of the trainable parameters: weight decay on matrices and
+    kernels, none on biases, norms and the position / scale embeddings."""
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            matrix = p.ndim > 1 and "embedding" not in name.split(".")[-1]
+            (decay if matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)  # noqa: NPY002 - for third-party code on the legacy global RNG; ours uses Generators
@@ -300,11 +312,7 @@ def train(cfg: TrainConfig, *, resume: bool = True, progress: bool = True) -> di
             mean = float(np.mean([s.target[0] for s in getattr(train_set, "samples", [])] or [50.0]))
             torch.nn.init.constant_(model.head.bias, mean)
     model.to(cfg.device)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embedding" not in n.split(".")[-1]]
-    no_decay = [
-        p for n, p in model.named_parameters() if not (p.ndim > 1 and "embedding" not in n.split(".")[-1])
-    ]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = decay_groups(model, cfg.weight_decay)
     if cfg.optimizer == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     elif cfg.optimizer == "sgd":

@@ -42,8 +42,8 @@ from model.data import read_labels
 from model.decode import decode_image
 from model.evaluate import iqa_metrics
 from model.network import Musiq, build_model, to_checkpoint
-from model.packing import pack
-from model.train import lr_at, ranking_loss
+from model.packing import PackedImage, pack
+from model.train import decay_groups, lr_at, ranking_loss
 
 
 @dataclass
@@ -55,13 +55,10 @@ class Encoded:
     scale: torch.Tensor
 
 
-def _encode(model: Musiq, pixels: np.ndarray, max_native_tokens: int) -> Encoded:
-    packing = model.config.replace(max_native_tokens=max_native_tokens).packing()
-    packed = pack(np.ascontiguousarray(pixels), packing)
+def _encode(model: Musiq, packed: PackedImage) -> Encoded:
     keep = packed.mask.astype(bool)
-    patches = torch.from_numpy(packed.patches[keep][None])
     with torch.no_grad():
-        tokens = model.patch_encoder(patches)[0]
+        tokens = model.patch_encoder(torch.from_numpy(packed.patches[keep][None]))[0]
     return Encoded(
         tokens.clone(),
         torch.from_numpy(packed.spatial[keep].astype(np.int64)),
@@ -91,19 +88,7 @@ def _encode_groups(model: Musiq, count: int, max_native_tokens: int) -> list[dic
     encoded = []
     for index in tqdm(range(count), desc="ranking groups", unit="group"):
         packed, levels, _ = groups[index]
-        versions = []
-        for p in packed:
-            keep = p.mask.astype(bool)
-            with torch.no_grad():
-                tokens = model.patch_encoder(torch.from_numpy(p.patches[keep][None]))[0]
-            versions.append(
-                Encoded(
-                    tokens.clone(),
-                    torch.from_numpy(p.spatial[keep].astype(np.int64)),
-                    torch.from_numpy(p.scale[keep].astype(np.int64)),
-                )
-            )
-        encoded.append({"versions": versions, "levels": torch.from_numpy(levels)})
+        encoded.append({"versions": [_encode(model, p) for p in packed], "levels": torch.from_numpy(levels)})
     return encoded
 
 
@@ -121,13 +106,14 @@ def cache(init: str, split: str, out: str, max_native_tokens: int) -> None:
     """Encodes every image of the split once (training images also mirrored)."""
     _fixed_mmap_threshold()
     model = build_model(load_checkpoint(init))
+    packing = model.config.replace(max_native_tokens=max_native_tokens).packing()
     samples = read_labels(split)
     items = []
     for sample in tqdm(samples, desc="encoding", unit="img"):
         pixels = decode_image(sample.path)
-        versions = [_encode(model, pixels, max_native_tokens)]
+        versions = [_encode(model, pack(pixels, packing))]
         if sample.split == "train":
-            versions.append(_encode(model, pixels[:, ::-1], max_native_tokens))
+            versions.append(_encode(model, pack(np.ascontiguousarray(pixels[:, ::-1]), packing)))
         items.append(
             {
                 "path": str(sample.path),
@@ -201,13 +187,8 @@ def train(args: argparse.Namespace) -> None:
     fit_items = [train_items[k] for k in order[args.dev :]]
     print(f"fit {len(fit_items)}, dev {len(dev_items)}, val {len(val_items)} images")
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim > 1 and "embedding" not in n.split(".")[-1]]
-    no_decay = [p for n, p in named if not (p.ndim > 1 and "embedding" not in n.split(".")[-1])]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-    )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(decay_groups(model, args.weight_decay), lr=args.lr)
     steps_per_epoch = math.ceil(len(fit_items) / args.batch_size)
     total = args.epochs * steps_per_epoch
     warmup = max(1, int(args.warmup_fraction * total))
@@ -248,7 +229,7 @@ def train(args: argparse.Namespace) -> None:
                     loss = loss + args.rank_weight * rank
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for _, p in named], args.grad_clip)
+                torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
                 optimizer.step()
                 losses.append(loss.item())
                 step += 1
