@@ -23,6 +23,11 @@ fp32 model (the harness's cached export):
    ReLU writing the rows, and the variants not kept: the embedding inside the workers per 64-row
    block, the GroupNorm affines inside the LayerNorms, the 1x1 convolutions as MatMuls; the same
    sgemm products in the loop (`--chunks`: the whole graph and those chunk sizes only);
+10. probes of the embedded default model's features half alone (one single-threaded session, 32
+   rows of real photos, as one feature worker runs it): as exported, against its last multiply
+   removed (what folding the shared GroupNorm scale into the head's embedding would save at
+   most), and against static int8 convolutions (QDQ or QLinearConv, 7-bit weights per channel,
+   calibrated on the photos' rows), with their error; none kept (PERFORMANCE.md, sixth round);
 and the sgemm GFLOP/s of the same run (the best of numpy, torch and ONNX Runtime's MLAS), to put
 the achieved FLOP rates in proportion.
 """
@@ -64,7 +69,7 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--cache", default="runs/bench-cache")
-    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated experiment numbers")
+    parser.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated experiment numbers")
     parser.add_argument(
         "--chunks",
         default="",
@@ -74,11 +79,13 @@ def main() -> None:
     args = parser.parse_args()
     only = {int(n) for n in args.only.split(",")}
     chunks = {int(c) for c in args.chunks.split(",") if c}
-    if only <= {8, 9}:  # need neither the harness's exports nor its images
+    if only <= {8, 9, 10}:  # need neither the harness's exports nor its images
         if 8 in only:
             chunked_encoder(Path(args.cache), args.runs, chunks)
         if 9 in only:
             split_halves(Path(args.cache), args.runs, chunks)
+        if 10 in only:
+            feature_probes(Path(args.cache), args.runs)
         return
     path = official_models(Path(args.cache))["fp32"]
     peak, engine = sgemm_gflops()
@@ -178,6 +185,8 @@ def main() -> None:
         chunked_encoder(Path(args.cache), args.runs, chunks)
     if 9 in only:
         split_halves(Path(args.cache), args.runs, chunks)
+    if 10 in only:
+        feature_probes(Path(args.cache), args.runs)
 
 
 def interleaved_all(fns: dict[str, Callable[[], object]], runs: int, settle: float = 0.2) -> dict[str, float]:
@@ -359,6 +368,105 @@ def split_halves(cache: Path, runs: int, chunks: set[int] | None = None) -> None
                     f"{roofline_fraction(flops, 1 / med[k], peak):4.0%} of sgemm  "
                     f"|score - before| {abs(scores[k] - scores['whole graph (before)']):.1e}"
                 )
+
+
+def feature_probes(cache: Path, runs: int) -> None:
+    """Experiment 10: the default model's features half on one thread, 32 rows of a 1024x768
+    photo, as exported against each probe, interleaved; per-token times and the probes' error."""
+    import numpy as np
+
+    files = _feature_probe_files(cache)
+    sessions = {name: _one_thread_session(path) for name, path in files.items()}
+    _, cfg, images = _default_and_images()
+    packed: PackedImage = compact(pack(decode_image(images["1024x768"].data), cfg.packing()))  # type: ignore[attr-defined]
+    rows = np.ascontiguousarray(packed.patches[packed.mask][:32])
+    outputs = {name: s.run(None, {"rows": rows})[0] for name, s in sessions.items()}
+    fns: dict[str, Callable[[], object]] = {
+        name: (lambda s=s: s.run(None, {"rows": rows})) for name, s in sessions.items()
+    }
+    med = interleaved_all(fns, runs, settle=0.0)
+    base, ref = med["as exported"], outputs["as exported"]
+    print(
+        f"\n10. default model's features half, 32 rows of a 1024x768 photo, 1 thread, median of {runs} rounds"
+    )
+    for name in files:
+        # the unscaled rows differ by the scale the head would absorb: no error to show
+        err = np.abs(outputs[name] - ref).max() / np.abs(ref).max()
+        shown = "-" if "multiply" in name else f"{err:.1e} of the range"
+        print(
+            f"  {name:46s} {med[name] / 32 * 1e6:6.1f} us a row  x{base / med[name]:.3f}  max error {shown}"
+        )
+
+
+def _one_thread_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feature_probe_files(cache: Path) -> dict[str, Path]:
+    """Experiment 10's files, cached: the shipped features half, a copy without its last multiply
+    (traced with the shared scale left out: its output differs by that scale, which the head's
+    embedding weights would absorb), and static int8 quantisations of the shipped file."""
+    import numpy as np
+    import torch
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from export.graph import FeatureGraph, export_rows_graph
+    from model.checkpoint import load_checkpoint
+    from model.network import build_model
+
+    default_ckpt, cfg, images = _default_and_images()
+    shipped = default_ckpt.with_name("default.features.onnx")
+    files = {
+        "as exported": shipped,
+        "traced here (the next line's baseline)": cache / "probe-features-traced.onnx",
+        "last multiply removed (upper bound of a fold)": cache / "probe-features-unscaled.onnx",
+        "int8 convolutions, QDQ": cache / "probe-features-int8-qdq.onnx",
+        "int8 convolutions, QLinearConv": cache / "probe-features-int8-qop.onnx",
+    }
+    if all(p.is_file() for p in files.values()):
+        return files
+    cache.mkdir(parents=True, exist_ok=True)
+    rows = torch.rand(4, cfg.patch_size**2 * 3) * 2 - 1  # type: ignore[attr-defined]
+    traced = FeatureGraph(build_model(load_checkpoint(default_ckpt))).eval()
+    export_rows_graph(traced, rows, files["traced here (the next line's baseline)"], ("rows", "features"))
+    unscaled = FeatureGraph(build_model(load_checkpoint(default_ckpt))).eval()
+    unscaled.out_scale = None  # type: ignore[assignment]  # forward: relu(the unit's sum), no multiply
+    export_rows_graph(
+        unscaled, rows, files["last multiply removed (upper bound of a fold)"], ("rows", "features")
+    )
+    real = np.concatenate(
+        [compact(pack(decode_image(images[n].data), cfg.packing())).patches for n in ("512x384", "300x4000")]  # type: ignore[attr-defined]
+    )
+    calib = real[np.random.default_rng(0).choice(len(real), 256, replace=False)].astype(np.float32)
+
+    class Rows(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.chunks = iter([{"rows": calib[i : i + 32]} for i in range(0, len(calib), 32)])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.chunks, None)
+
+    for name, fmt in (
+        ("int8 convolutions, QDQ", QuantFormat.QDQ),
+        ("int8 convolutions, QLinearConv", QuantFormat.QOperator),
+    ):
+        quantize_static(
+            str(shipped),
+            str(files[name]),
+            Rows(),
+            quant_format=fmt,
+            op_types_to_quantize=["Conv"],
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+    return files
 
 
 def _even_chunks(model: Path) -> ModelRuntime:
