@@ -293,7 +293,7 @@ def chunked_encoder(cache: Path, runs: int, chunks: set[int] | None = None) -> N
                 files = {k: f for k, f in files.items() if CHUNK_VARIANTS[k][0] in chunks and "," not in k}
             if ckpt is not None and precision == "fp32":
                 files["model/weights/default.onnx (shipped)"] = ckpt.with_suffix(".onnx")
-            sessions = {name: _two_thread_session(path) for name, path in files.items()}
+            sessions = {name: _session(path, 2) for name, path in files.items()}
             scores = {name: float(s.run(None, feeds)[0][0]) for name, s in sessions.items()}
             fns: dict[str, Callable[[], object]] = {
                 name: (lambda s=s, f=feeds: s.run(None, f)) for name, s in sessions.items()
@@ -376,7 +376,7 @@ def feature_probes(cache: Path, runs: int) -> None:
     import numpy as np
 
     files = _feature_probe_files(cache)
-    sessions = {name: _one_thread_session(path) for name, path in files.items()}
+    sessions = {name: _session(path, 1) for name, path in files.items()}
     _, cfg, images = _default_and_images()
     packed: PackedImage = compact(pack(decode_image(images["1024x768"].data), cfg.packing()))  # type: ignore[attr-defined]
     rows = np.ascontiguousarray(packed.patches[packed.mask][:32])
@@ -396,15 +396,6 @@ def feature_probes(cache: Path, runs: int) -> None:
         print(
             f"  {name:46s} {med[name] / 32 * 1e6:6.1f} us a row  x{base / med[name]:.3f}  max error {shown}"
         )
-
-
-def _one_thread_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _feature_probe_files(cache: Path) -> dict[str, Path]:
@@ -769,12 +760,13 @@ def _export_embed_and_transformer(model: object, embed: Path, transformer: Path)
         onnx.save(fuse(onnx.load(traced), cfg.num_heads, cfg.hidden_size), transformer)
 
 
-def _two_thread_session(path: Path) -> object:
+def _session(path: Path, threads: int) -> Any:
+    """A CPU session as the service makes them (no thread spinning)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = 2
+    options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
