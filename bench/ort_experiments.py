@@ -425,6 +425,7 @@ def _feature_probe_files(cache: Path) -> dict[str, Path]:
     rows = torch.rand(4, cfg.patch_size**2 * 3) * 2 - 1  # type: ignore[attr-defined]
     traced = FeatureGraph(build_model(load_checkpoint(default_ckpt))).eval()
     export_rows_graph(traced, rows, files["traced here (the next line's baseline)"], ("rows", "features"))
+    # a model of its own: FeatureGraph folds the GroupNorm scales into its model's kernels in place
     unscaled = FeatureGraph(build_model(load_checkpoint(default_ckpt))).eval()
     unscaled.out_scale = None  # type: ignore[assignment]  # forward: relu(the unit's sum), no multiply
     export_rows_graph(
