@@ -313,9 +313,16 @@ def test_several_models_at_once_and_graceful_shutdown(tmp_path: Path) -> None:
                 )
                 for d in images
             ]
-            time.sleep(0.3)
+            # Waits until work is in a batcher (decoding first can take a while on a loaded machine;
+            # the 1 s queue delay then holds it there), so the shutdown below meets queued work.
             core = srv.config.app.state.core if hasattr(srv.config.app, "state") else None
-            queued = sum(m.batcher.depth + m.batcher.in_flight for m in core.models.values()) if core else -1
+            deadline = time.monotonic() + 20
+            queued = -1
+            while core is not None and time.monotonic() < deadline:
+                queued = sum(m.batcher.depth + m.batcher.in_flight for m in core.models.values())
+                if queued > 0:
+                    break
+                time.sleep(0.01)
             srv.should_exit = True
             codes = [f.result().status_code for f in futures]
         assert queued > 0  # the shutdown really began with accepted work outstanding
